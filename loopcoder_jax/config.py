@@ -1,0 +1,417 @@
+"""Configuration: the HF-shaped `ModelConfig`, the non-checkpoint `RuntimeConfig`, presets, YAML.
+
+`ModelConfig` holds exactly what changes the meaning of a checkpoint and uses the Hugging Face
+`config.json` key names of `IQuestLoopCoderForCausalLM` (DESIGN.md §1), so `from_hf` / `to_hf`
+are a rename-free round trip. Everything that only changes *how* the model runs (dtypes,
+attention kernel, rematerialisation, scan vs unrolled layers) lives in `RuntimeConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+# HF config.json keys that carry no meaning for this implementation (bookkeeping written by
+# transformers, or features fixed to one value we check below). They are accepted and dropped.
+_IGNORED_HF_KEYS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "transformers_version",
+        "use_cache",
+        "attention_dropout",
+        "pretraining_tp",
+        "_name_or_path",
+        "dtype",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "is_decoder",
+        "torchscript",
+        "_attn_implementation_autoset",
+        "mlp_bias",
+        "attention_bias",
+        "rope_scaling",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LoopCoder architecture, in Hugging Face `config.json` vocabulary.
+
+    `loop_num` is the number of times the ONE shared layer stack is applied (2 in the released
+    models); `loop_num=1` is exactly the dense IQuest-Coder (Llama) model. In loops >= 1 each
+    layer mixes global attention over the loop-0 K/V with local attention over a window of
+    `loop_window_size` keys (key j visible to query i iff i - W < j <= i) through a per-head
+    sigmoid gate.
+
+    `num_key_value_heads`: 1 means MQA, `num_attention_heads` means MHA, anything between is GQA
+    (must divide `num_attention_heads`).
+    """
+
+    vocab_size: int = 76800
+    hidden_size: int = 5120
+    intermediate_size: int = 27648
+    num_hidden_layers: int = 80  # layers in the ONE shared stack
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    max_position_embeddings: int = 131072
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    loop_num: int = 2  # times the stack is applied; 1 == dense Llama
+    loop_window_size: int = 64  # W of the local branch in loops >= 1
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: tuple[int, ...] = (2, 75864, 75869)
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif not isinstance(self.eos_token_id, tuple):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_key_value_heads={self.num_key_value_heads}; GQA needs every kv head "
+                "to serve the same number of query heads."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for RoPE.")
+        if not isinstance(self.loop_num, int) or self.loop_num < 1:
+            raise ConfigError(
+                f"model.loop_num must be an integer >= 1 (1 = dense model), got {self.loop_num!r}."
+            )
+        if not isinstance(self.loop_window_size, int) or self.loop_window_size < 1:
+            raise ConfigError(
+                f"model.loop_window_size must be an integer >= 1, got {self.loop_window_size!r}."
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(
+                f"model.hidden_act={self.hidden_act!r} is not supported; LoopCoder uses 'silu'."
+            )
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ConfigError("model.rope_theta and model.rms_norm_eps must be positive.")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads served by each kv head (G = N / K)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def has_gate(self) -> bool:
+        """Gate parameters exist only when some loop mixes global and local attention."""
+        return self.loop_num >= 2
+
+    def num_params(self) -> int:
+        """Number of parameters (shared stack counted once)."""
+        d, f, n, k, h = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
+        per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
+        if self.has_gate:
+            per_layer += n * h + n
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + d
+
+    # ------------------------------------------------------------------ HF round trip
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], strict: bool = True):
+        """Builds a config from a HF `config.json` (a path, a directory holding one, or a dict).
+
+        Unknown keys raise `ConfigError` when `strict` (a typo such as `loop_nums` must not be
+        silently ignored); transformers' bookkeeping keys are accepted and dropped.
+        """
+        if isinstance(path_or_dict, Mapping):
+            raw = dict(path_or_dict)
+            source = "the given dict"
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            try:
+                with open(path) as f:
+                    raw = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"No config.json at {path}.") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            source = path
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if raw.get("rope_scaling") not in (None, {}):
+            raise ConfigError(
+                f"rope_scaling={raw['rope_scaling']!r} in {source} is not supported (the "
+                "released LoopCoder models use plain RoPE); remove it or set it to null."
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if raw.get(flag):
+                raise ConfigError(f"{flag}=true in {source} is not supported: LoopCoder has none.")
+        unknown = sorted(k for k in raw if k not in fields and k not in _IGNORED_HF_KEYS)
+        if unknown and strict:
+            raise ConfigError(
+                f"Unknown config keys {unknown} in {source}. Fix the spelling, or pass "
+                "strict=False to ignore them."
+            )
+        kwargs = {k: v for k, v in raw.items() if k in fields}
+        if "head_dim" not in kwargs and "hidden_size" in kwargs and "num_attention_heads" in kwargs:
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        if raw.get("model_type") == "llama" or "loop_num" not in raw:
+            kwargs.setdefault("loop_num", 1)  # a dense Llama-style checkpoint
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (loop or dense architecture name chosen by `loop_num`)."""
+        out = dataclasses.asdict(self)
+        out["eos_token_id"] = list(self.eos_token_id)
+        if self.loop_num == 1:
+            out["architectures"] = ["LlamaForCausalLM"]
+            out["model_type"] = "llama"
+        else:
+            out["architectures"] = ["IQuestLoopCoderForCausalLM"]
+            out["model_type"] = "iquestloopcoder"
+        out["attention_bias"] = False
+        out["mlp_bias"] = False
+        out["rope_scaling"] = None
+        out["use_cache"] = True
+        return out
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class AttnImpl(enum.Enum):
+    """Attention kernel. XLA is the blockwise reference path that runs everywhere."""
+
+    XLA = "xla"
+    SPLASH = "splash"  # Pallas TPU splash attention (see kernels/)
+
+
+class Remat(enum.Enum):
+    """What each scanned layer saves for the backward pass (a `jax.checkpoint` policy)."""
+
+    NONE = "none"  # save everything: fastest, most memory
+    FULL = "full"  # save only the layer inputs; recompute the whole layer
+    DOTS = "dots"  # save matmul outputs without batch dims; recompute elementwise ops
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the model runs; none of this changes what a checkpoint means.
+
+    dtype: compute dtype of activations and matmuls ("float32", "bfloat16"). Norms, softmax
+      and the gate are computed in float32 regardless.
+    param_dtype: dtype parameters are created in by `init`.
+    attn_impl: attention kernel (`AttnImpl`).
+    remat: rematerialisation policy of the scanned layer (`Remat`).
+    scan_layers: iterate the stacked layer params with `lax.scan` (compile time independent of
+      depth). False unrolls a Python loop over layers: for debugging and FLOP counting.
+    bptt_grad_scale: scales the gradient that flows from loop k+1 back into loop k (through the
+      hidden state and the shared loop-0 K/V); identity in the forward pass. 1.0 = plain BPTT,
+      0.0 = truncated BPTT.
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attn_impl: AttnImpl = AttnImpl.XLA
+    remat: Remat = Remat.NONE
+    scan_layers: bool = True
+    bptt_grad_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(
+                    f"runtime.{name}={value!r}; use 'float32', 'bfloat16' or 'float16'."
+                )
+        for name, enum_cls in (("attn_impl", AttnImpl), ("remat", Remat)):
+            value = getattr(self, name)
+            if not isinstance(value, enum_cls):
+                try:
+                    object.__setattr__(self, name, enum_cls(value))
+                except ValueError:
+                    choices = [m.value for m in enum_cls]
+                    raise ConfigError(f"runtime.{name}={value!r}; choose one of {choices}.") from None
+        if not 0.0 <= float(self.bptt_grad_scale) <= 1.0:
+            raise ConfigError(
+                f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1]."
+            )
+
+    def replace(self, **changes) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------- presets
+# The official family shares width and heads; the dense models are loop_num=1 Llama stacks.
+_OFFICIAL = dict(
+    vocab_size=76800,
+    hidden_size=5120,
+    intermediate_size=27648,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    loop_window_size=64,
+    tie_word_embeddings=False,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "loop40b": ModelConfig(**_OFFICIAL, num_hidden_layers=80, loop_num=2),
+    "dense40b": ModelConfig(**_OFFICIAL, num_hidden_layers=80, loop_num=1),
+    "dense14b": ModelConfig(**_OFFICIAL, num_hidden_layers=28, loop_num=1),
+    "dense7b": ModelConfig(**_OFFICIAL, num_hidden_layers=14, loop_num=1),
+    # CPU-sized models for tests, demos and the embedded training default.
+    "tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        loop_num=2,
+        loop_window_size=16,
+        eos_token_id=(2,),
+        torch_dtype="float32",
+    ),
+    "tiny-dense": ModelConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        loop_num=1,
+        loop_window_size=16,
+        eos_token_id=(2,),
+        torch_dtype="float32",
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A named `ModelConfig` preset (see `PRESETS`)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.") from None
+
+
+# ---------------------------------------------------------------------------- YAML + overrides
+def _coerce(value: str, like: Any) -> Any:
+    """Parses a command-line override string to the type of the field it replaces."""
+    parsed = yaml.safe_load(value)
+    if isinstance(like, enum.Enum):
+        return type(like)(parsed)
+    if isinstance(like, bool):
+        if not isinstance(parsed, bool):
+            raise ConfigError(f"expected true/false, got {value!r}")
+        return parsed
+    if isinstance(like, int) and not isinstance(like, bool):
+        if isinstance(parsed, float) and parsed.is_integer():
+            return int(parsed)
+        if not isinstance(parsed, int):
+            raise ConfigError(f"expected an integer, got {value!r}")
+        return parsed
+    if isinstance(like, float):
+        return float(parsed)
+    if isinstance(like, tuple):
+        return tuple(parsed) if isinstance(parsed, list) else (parsed,)
+    return parsed
+
+
+def build_dataclass(cls, section: Mapping[str, Any] | None, where: str):
+    """Instantiates dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    section = dict(section or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ConfigError(f"Unknown keys {unknown} in section '{where}'; valid: {sorted(names)}.")
+    for k, v in section.items():
+        if isinstance(v, list):
+            section[k] = tuple(v)
+    return cls(**section)
+
+
+def apply_overrides(obj, overrides: Mapping[str, str], where: str):
+    """`dataclasses.replace` with values parsed to each field's type (`--set a.b=1`)."""
+    changes = {}
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, raw in overrides.items():
+        if key not in names:
+            raise ConfigError(f"Unknown key '{where}.{key}'; valid: {sorted(names)}.")
+        try:
+            changes[key] = _coerce(raw, getattr(obj, key))
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"Bad value for '{where}.{key}': {e}") from None
+    return dataclasses.replace(obj, **changes)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a YAML preset into a dict of sections; `model:` may name a `preset:` to start from."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {os.fspath(path)} does not exist.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{os.fspath(path)} must hold a mapping of sections.")
+    return raw
+
+
+def model_config_from_section(section: Mapping[str, Any] | None) -> ModelConfig:
+    """`model:` section -> ModelConfig; `preset: name` starts from a preset, keys override it."""
+    section = dict(section or {})
+    base = section.pop("preset", None)
+    if base is not None:
+        start = dataclasses.asdict(preset(base))
+        start.update(section)
+        section = start
+    if "eos_token_id" in section and isinstance(section["eos_token_id"], list):
+        section["eos_token_id"] = tuple(section["eos_token_id"])
+    return build_dataclass(ModelConfig, section, "model")

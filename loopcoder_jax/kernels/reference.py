@@ -1,0 +1,153 @@
+"""Attention on the XLA path: the numerical reference every faster kernel is tested against.
+
+Shape legend: B batch, T query length, S key length, K kv heads, G query heads per kv head
+(N = K * G), H head_dim, W local window, C block length.
+
+Both LoopCoder branches go through `attention(q, k, v, mask, segment_ids)`:
+  * `Causal()`        key j visible to query i iff j <= i               (loop 0, global branch)
+  * `LocalWindow(W)`  key j visible to query i iff i - W < j <= i       (local branch)
+and, when `segment_ids` is given, only within the same segment (packed rows).
+
+The causal kernel is ordinary dense attention (O(T*S)). The local kernel is blockwise: the
+sequence is cut into blocks of C = W queries, and each block attends to its own block and
+the previous one (2W keys), so it costs O(T*W) instead of O(T^2) (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Causal:
+    """Key j is visible to query i iff j <= i."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWindow:
+    """Key j is visible to query i iff i - window < j <= i."""
+
+    window: int
+
+
+MaskSpec = Causal | LocalWindow
+
+# Masked scores are set to the most negative float32 rather than -inf, so a row with no
+# visible key (only padding rows can have one) yields a finite uniform average, not NaN.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _softmax_attend(q, k, v, mask):
+    """Masked softmax attention core, shared by every path.
+
+    Args:
+      q: [..., T, K, G, H] queries (already in compute dtype).
+      k, v: [..., S, K, H].
+      mask: bool, broadcastable to [..., T, S].
+    Returns:
+      [..., T, K, G, H] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    # Scores and softmax in float32 whatever the compute dtype (DESIGN.md §1).
+    scores = jnp.einsum("...tkgh,...skh->...kgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    mask = jnp.expand_dims(mask, (-4, -3))  # [..., 1, 1, T, S] against [..., K, G, T, S]
+    scores = jnp.where(mask, scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("...kgts,...skh->...tkgh", probs.astype(v.dtype), v)
+    return out.astype(q.dtype)
+
+
+def _group(q, num_kv_heads):
+    """[B, T, N, H] -> [B, T, K, G, H] (query heads grouped by the kv head they share)."""
+    b, t, n, h = q.shape
+    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def _causal(q, k, v, segment_ids):
+    t, s = q.shape[1], k.shape[1]
+    mask = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
+    mask = mask[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return _softmax_attend(q, k, v, mask)
+
+
+def _local_blockwise(q, k, v, window, segment_ids):
+    """Sliding-window attention in blocks of C = W queries against 2W keys: O(T * W)."""
+    b, t, kh, g, h = q.shape
+    c = window
+    nb = math.ceil(t / c)
+    pad = nb * c - t
+    if segment_ids is None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)
+    # Padded tail positions get segment -1 so real queries never see them; the missing
+    # block before block 0 gets -2 so nobody sees it.
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    qb = q.reshape(b, nb, c, kh, g, h)
+    kb = k.reshape(b, nb, c, kh, h)
+    vb = v.reshape(b, nb, c, kh, h)
+    sb = segment_ids.reshape(b, nb, c)
+
+    def with_previous_block(x, fill):
+        prev = jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+        return jnp.concatenate([prev[:, :-1], x], axis=2)  # [B, nb, 2C, ...]
+
+    kw = with_previous_block(kb, 0)
+    vw = with_previous_block(vb, 0)
+    sw = with_previous_block(sb, -2)
+    # Query a of block n sits at n*C + a; key s of the window at (n-1)*C + s; their distance
+    # is a + C - s and the key is visible iff 0 <= distance < W.
+    dist = jnp.arange(c)[:, None] + c - jnp.arange(2 * c)[None, :]  # [C, 2C]
+    band = (dist >= 0) & (dist < window)
+    mask = band[None, None] & (sb[..., :, None] == sw[..., None, :])  # [B, nb, C, 2C]
+    out = _softmax_attend(qb, kw, vw, mask)  # [B, nb, C, K, G, H]
+    return out.reshape(b, nb * c, kh, g, h)[:, :t]
+
+
+def attention(q, k, v, mask: MaskSpec, segment_ids=None):
+    """Self-attention over one sequence (training and prefill).
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries.
+      k, v: [B, T, K, H] post-RoPE keys and values of the same positions (N % K == 0).
+      mask: `Causal()` or `LocalWindow(W)`.
+      segment_ids: optional [B, T] int; attention never crosses a segment boundary.
+    Returns:
+      [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    qg = _group(q, k.shape[2])
+    if isinstance(mask, Causal):
+        out = _causal(qg, k, v, segment_ids)
+    elif isinstance(mask, LocalWindow):
+        if mask.window >= t:  # the window covers everything: plain causal is cheaper
+            out = _causal(qg, k, v, segment_ids)
+        else:
+            out = _local_blockwise(qg, k, v, mask.window, segment_ids)
+    else:
+        raise TypeError(f"Unknown mask spec {mask!r}")
+    return out.reshape(b, t, n, h)
+
+
+def attention_with_mask(q, k, v, mask):
+    """Attention of queries against an explicit key set (cached decoding).
+
+    Args:
+      q: [B, T, N, H].
+      k, v: [B, S, K, H] (a KV cache or a ring buffer).
+      mask: bool [B, T, S], True where the key is visible.
+    Returns:
+      [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    out = _softmax_attend(_group(q, k.shape[2]), k, v, mask)
+    return out.reshape(b, t, n, h)

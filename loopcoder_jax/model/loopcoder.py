@@ -1,0 +1,369 @@
+"""LoopCoder: one Llama-style layer stack applied `loop_num` times with the same weights.
+
+Shape legend (used in einsums, comments and docstrings across the package):
+  B batch, T query length, S key length, D hidden, N query heads, K kv heads, G = N / K,
+  H head_dim, F intermediate, V vocab, L layers, W local window.
+
+Where things are:
+  * the loop: `LoopCoder.hidden_states`, a plain `for loop_idx in range(loop_num)`;
+  * the layer stack: ONE parameter tree `params["layers"]` whose leaves are stacked on a
+    leading L axis, iterated with `jax.lax.scan` in `_run_stack` (every loop scans the same
+    stacked params; no `nn.scan`, no per-loop copies);
+  * the gate: `model/attention.py::LoopGate`;
+  * the kernels: `kernels/reference.py` (global = causal, local = sliding window);
+  * the sharding: logical names here, mesh mapping in `sharding.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from loopcoder_jax import sharding as sh
+from loopcoder_jax.cache import LoopCache
+from loopcoder_jax.config import ModelConfig, Remat, RuntimeConfig
+from loopcoder_jax.model.attention import Attention
+from loopcoder_jax.model.layers import MLP, RMSNorm, rope_frequencies
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)). Submodule names follow HF."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    window: int
+    has_gate: bool
+    rms_norm_eps: float
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        norm = functools.partial(
+            RMSNorm, eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        self.input_layernorm = norm()
+        self.self_attn = Attention(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            window=self.window,
+            has_gate=self.has_gate,
+            init_std=self.init_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(
+            self.hidden_size,
+            self.intermediate_size,
+            init_std=self.init_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def _mlp_block(self, h):
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+
+    def __call__(self, h, cos, sin, *, loop_idx: int, segment_ids=None, shared_kv=None):
+        """[B, T, D] -> ([B, T, D], this loop's (k, v), each [B, T, K, H])."""
+        a, kv = self.self_attn(
+            self.input_layernorm(h),
+            cos,
+            sin,
+            loop_idx=loop_idx,
+            segment_ids=segment_ids,
+            shared_kv=shared_kv,
+        )
+        return self._mlp_block(h + a), kv
+
+    def decode(self, h, cos, sin, *, loop_idx: int, pos, global_kv, ring_kv=None):
+        """[B, 1, D] -> ([B, 1, D], updated cache pair); see `Attention.decode`."""
+        a, kv = self.self_attn.decode(
+            self.input_layernorm(h),
+            cos,
+            sin,
+            loop_idx=loop_idx,
+            pos=pos,
+            global_kv=global_kv,
+            ring_kv=ring_kv,
+        )
+        return self._mlp_block(h + a), kv
+
+    def init_all_branches(self, h, cos, sin):
+        """Runs loop 0 and (if gated) a later loop once, so `init` creates every parameter."""
+        h0, kv = self(h, cos, sin, loop_idx=0)
+        if self.has_gate:
+            self(h0, cos, sin, loop_idx=1, shared_kv=kv)
+        return h0
+
+
+@jax.custom_vjp
+def _scale_grad(x, scale):
+    return x
+
+
+def _scale_grad_fwd(x, scale):
+    return x, scale
+
+
+def _scale_grad_bwd(scale, g):
+    return jax.tree.map(lambda t: (t * scale).astype(t.dtype), g), None
+
+
+_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+_REMAT_POLICIES = {
+    Remat.FULL: jax.checkpoint_policies.nothing_saveable,
+    Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _slice_layer(stacked, i):
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+class LoopCoder(nn.Module):
+    """The LoopCoder causal LM.
+
+    `LoopCoder(cfg).apply({"params": params}, input_ids, segment_ids=None, positions=None)`
+    returns float32 logits [B, T, V]. Other entry points (via `apply(..., method=...)`):
+    `hidden_states`, `logits`, `prefill`, `decode_step`.
+    """
+
+    config: ModelConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def setup(self):
+        cfg, rt = self.config, self.runtime
+        self._dtype = jnp.dtype(rt.dtype)
+        self._param_dtype = jnp.dtype(rt.param_dtype)
+        init = nn.initializers.normal(stddev=cfg.initializer_range)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self._dtype,
+            param_dtype=self._param_dtype,
+            embedding_init=nn.with_logical_partitioning(init, (sh.VOCAB, sh.EMBED)),
+        )
+        self.layers = self.param("layers", self._init_stacked_layers)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self._dtype, param_dtype=self._param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=self._dtype,
+                param_dtype=self._param_dtype,
+                kernel_init=nn.with_logical_partitioning(init, (sh.EMBED, sh.VOCAB)),
+            )
+
+    # ------------------------------------------------------------------ the layer stack
+    def _layer(self) -> DecoderLayer:
+        cfg = self.config
+        # parent=None: a free-standing module applied functionally to one layer's params
+        # inside lax.scan, not a child that would own a second copy of the weights.
+        return DecoderLayer(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            window=cfg.loop_window_size,
+            has_gate=cfg.has_gate,
+            rms_norm_eps=cfg.rms_norm_eps,
+            init_std=cfg.initializer_range,
+            dtype=self._dtype,
+            param_dtype=self._param_dtype,
+            parent=None,
+        )
+
+    def _init_stacked_layers(self, rng):
+        """Inits L independent layers and stacks every leaf on a leading `layers` axis."""
+        cfg = self.config
+        layer = self._layer()
+        h = jnp.zeros((1, 1, cfg.hidden_size), self._dtype)
+        cos, sin = rope_frequencies(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta)
+
+        def init_one(key):
+            return layer.init(key, h, cos, sin, method=DecoderLayer.init_all_branches)["params"]
+
+        stacked = jax.vmap(init_one)(jax.random.split(rng, cfg.num_hidden_layers))
+        return jax.tree.map(
+            lambda box: box.replace(names=(sh.LAYERS, *box.names)),
+            stacked,
+            is_leaf=lambda x: isinstance(x, nn.Partitioned),
+        )
+
+    def _scan_layers(self, body, h, xs):
+        """Runs `body(h, (layer_params, *per_layer)) -> (h, y)` over the L layers."""
+        if self.runtime.remat != Remat.NONE:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.runtime.remat])
+        if self.runtime.scan_layers:
+            return jax.lax.scan(body, h, xs)
+        ys = []  # unrolled: for debugging and for FLOP counts (cost_analysis counts a scan once)
+        for i in range(self.config.num_hidden_layers):
+            h, y = body(h, _slice_layer(xs, i))
+            ys.append(y)
+        return h, jax.tree.map(lambda *t: jnp.stack(t), *ys)
+
+    def _run_stack(self, h, cos, sin, segment_ids, loop_idx, shared_kv):
+        layer = self._layer()
+
+        def body(h, xs):
+            params, kv0 = xs
+            return layer.apply(
+                {"params": params},
+                h,
+                cos,
+                sin,
+                loop_idx=loop_idx,
+                segment_ids=segment_ids,
+                shared_kv=kv0,
+            )
+
+        return self._scan_layers(body, h, (self.layers, shared_kv))
+
+    # ------------------------------------------------------------------ full sequence
+    def hidden_states(self, input_ids, segment_ids=None, positions=None, *, return_kv=False):
+        """Final-normed hidden states [B, T, D] (the input to the LM head).
+
+        Args:
+          input_ids: [B, T] int token ids.
+          segment_ids: optional [B, T] int; packed rows never attend across segments.
+          positions: optional [B, T] int RoPE positions (per segment when packed);
+            defaults to 0..T-1.
+          return_kv: also return each loop's stacked (k, v), each [L, B, T, K, H] (prefill).
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        h = self.embed_tokens(input_ids)
+        h = nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        scale = self.runtime.bptt_grad_scale
+        shared_kv, loop_kvs = None, []
+        for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
+            if loop_idx > 0 and scale != 1.0:
+                h = _scale_grad(h, scale)
+            h, kv = self._run_stack(h, cos, sin, segment_ids, loop_idx, shared_kv)
+            if loop_idx == 0:
+                shared_kv = kv if scale == 1.0 else _scale_grad(kv, scale)
+            loop_kvs.append(kv)
+        h = self.norm(h)  # once, after the last loop
+        return (h, loop_kvs) if return_kv else h
+
+    def logits(self, h):
+        """LM head: [B, T, D] -> float32 logits [B, T, V] (tied embeddings if configured)."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h)
+        out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids, segment_ids=None, positions=None):
+        """[B, T] token ids -> float32 logits [B, T, V]."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
+
+    # ------------------------------------------------------------------ cached decoding
+    def prefill(self, input_ids, lengths=None, *, max_length: int):
+        """Runs the prompt and builds the cache.
+
+        Args:
+          input_ids: [B, T] right-padded prompts; row b's prompt is input_ids[b, :lengths[b]].
+          lengths: [B] int prompt lengths (default: all T).
+          max_length: cache length S >= T (prompt plus the tokens to generate).
+        Returns:
+          (float32 logits [B, V] at each row's last prompt token, LoopCache).
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if lengths is None:
+            lengths = jnp.full((b,), t, jnp.int32)
+        lengths = lengths.astype(jnp.int32)
+        # Right padding needs no mask: pads come after every real token, so causality keeps
+        # them out of real rows, and decoding overwrites their cache slots in order.
+        h, loop_kvs = self.hidden_states(input_ids, return_kv=True)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+        logits = self.logits(last)[:, 0]
+
+        def pad_to_cache(x):  # [L, B, T, K, H] -> [L, B, S, K, H]
+            return jnp.pad(x, ((0, 0), (0, 0), (0, max_length - t), (0, 0), (0, 0)))
+
+        gk, gv = loop_kvs[0]
+        w = cfg.loop_window_size
+        # Ring slot r holds the newest prompt position congruent to r mod W.
+        slot_pos = (lengths - 1)[:, None] - ((lengths - 1)[:, None] - jnp.arange(w)) % w
+        slot_pos = jnp.clip(slot_pos, 0, t - 1)  # never-written slots: masked at decode
+
+        def ring(x):  # [L, B, T, K, H] -> [L, B, W, K, H]
+            return jnp.take_along_axis(x, slot_pos[None, :, :, None, None], axis=2)
+
+        rings = [(ring(k), ring(v)) for k, v in loop_kvs[1:]]
+        local_k = jnp.stack([k for k, _ in rings]) if rings else self._empty_ring(gk)
+        local_v = jnp.stack([v for _, v in rings]) if rings else self._empty_ring(gv)
+        cache = LoopCache(
+            global_k=pad_to_cache(gk),
+            global_v=pad_to_cache(gv),
+            local_k=local_k,
+            local_v=local_v,
+            lengths=lengths,
+        )
+        return logits, cache
+
+    def _empty_ring(self, like):
+        l, b, _, k, h = like.shape
+        return jnp.zeros((0, l, b, self.config.loop_window_size, k, h), like.dtype)
+
+    def decode_step(self, token_ids, cache: LoopCache):
+        """Appends one token per row. token_ids: [B, 1] -> (float32 logits [B, V], cache)."""
+        cfg = self.config
+        pos = cache.lengths  # [B] position of the new token
+        cos, sin = rope_frequencies(pos[:, None], cfg.head_dim, cfg.rope_theta)
+        h = self.embed_tokens(token_ids)
+        layer = self._layer()
+        gk, gv = cache.global_k, cache.global_v
+        local_k, local_v = [], []
+        for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
+            if loop_idx == 0:
+
+                def body0(h, xs):
+                    params, k, v = xs
+                    return layer.apply(
+                        {"params": params}, h, cos, sin, loop_idx=0, pos=pos,
+                        global_kv=(k, v), method=DecoderLayer.decode,
+                    )  # fmt: skip
+
+                h, (gk, gv) = jax.lax.scan(body0, h, (self.layers, gk, gv))
+            else:
+
+                def body(h, xs, loop_idx=loop_idx):
+                    params, k, v, rk, rv = xs
+                    return layer.apply(
+                        {"params": params}, h, cos, sin, loop_idx=loop_idx, pos=pos,
+                        global_kv=(k, v), ring_kv=(rk, rv), method=DecoderLayer.decode,
+                    )  # fmt: skip
+
+                c = loop_idx - 1
+                xs = (self.layers, gk, gv, cache.local_k[c], cache.local_v[c])
+                h, (rk, rv) = jax.lax.scan(body, h, xs)
+                local_k.append(rk)
+                local_v.append(rv)
+        logits = self.logits(self.norm(h))[:, 0]
+        new_cache = LoopCache(
+            global_k=gk,
+            global_v=gv,
+            local_k=jnp.stack(local_k) if local_k else cache.local_k,
+            local_v=jnp.stack(local_v) if local_v else cache.local_v,
+            lengths=cache.lengths + 1,
+        )
+        return logits, new_cache
