@@ -29,6 +29,15 @@ ATOL = 1e-5
 W = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread_torch():
+    # The tensors are tiny; intra-op threads only add spin contention (10x slower on a busy box).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def tiny_config(**overrides) -> dict:
     cfg = {
         "vocab_size": 128,
