@@ -179,7 +179,8 @@ class ShardedBatches:
         return {k: np.concatenate([b[k] for b in parts]) for k in tr.BATCH_KEYS}
 
     def get_state(self) -> dict[str, Any]:
-        return {"shards": {str(s): it.get_state() for s, it in zip(self.shard_ids, self.iterators)}}
+        pairs = zip(self.shard_ids, self.iterators, strict=True)
+        return {"shards": {str(s): it.get_state() for s, it in pairs}}
 
     def set_state(self, saved: list[dict[str, Any]]) -> None:
         """Restores from every process's saved state (any former process count)."""
