@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests: synthetic packed batches (real code paths, made-up data)."""
+"""Training-test helpers: synthetic packed batches (real code paths, made-up data)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configs load; bad meshes, bad data and diverging runs fail early with errors that name the fix."""
+"""Configs load; bad meshes, bad data and diverging runs fail early, naming the fix."""
 
 from __future__ import annotations
 

@@ -135,8 +135,8 @@ def test_schedule_warmup_then_decay(kind):
         np.testing.assert_allclose(float(s(60)), 0.1 + 0.9 * 0.5, rtol=1e-5)
 
 
-def _run_steps(cfg, params, batches, mesh_cfg, devices, tc, runtime=RuntimeConfig()):
-    model = LoopCoder(cfg, runtime)
+def _run_steps(cfg, params, batches, mesh_cfg, devices, tc):
+    model = LoopCoder(cfg)
     mesh = sh.make_mesh(mesh_cfg, devices)
     opt = tr.make_optimizer(tc)
     tr.validate(model, mesh, RULES, tc)
