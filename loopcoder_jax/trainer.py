@@ -103,6 +103,14 @@ def prepare_run_dir(exp: ExperimentConfig, tokenizer_path: str) -> str:
     return run_dir
 
 
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; inf for a partial or foreign line (dropped)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """RUN/metrics.jsonl (append + flush per step) and TensorBoard scalars; process 0 only."""
 
@@ -112,10 +120,11 @@ class MetricsLog:
         self.writer = None
         if not self.enabled:
             return
-        # A killed run may have logged steps past its last checkpoint; they are re-run now.
+        # A killed run may have logged steps past its last checkpoint (they are re-run now)
+        # and, killed mid-write, a partial last line.
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+                kept = [ln for ln in f if _logged_step(ln) <= resume_step]
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -233,12 +242,19 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(exp: ExperimentConfig, *, progress: bool = True, stop_at: int | None = None) -> RunSummary:
+def run(
+    exp: ExperimentConfig,
+    *,
+    progress: bool = True,
+    stop_at: int | None = None,
+    devices=None,
+) -> RunSummary:
     """Trains `exp` to `train.steps`, resuming from RUN's latest checkpoint if there is one.
 
     stop_at: end this invocation (with a checkpoint) once the step counter reaches it; the
     run continues later with the same config. (Changing train.steps instead would change the
     learning-rate schedule, which is a function of train.steps.)
+    devices: the devices the mesh is built from (default: all).
     """
     from loopcoder_jax.data.tokenizer import load_tokenizer
 
@@ -256,7 +272,7 @@ def run(exp: ExperimentConfig, *, progress: bool = True, stop_at: int | None = N
             f"{tokenizer.vocab_size} or a smaller tokenizer (data.tokenizer)."
         )
 
-    mesh = sh.make_mesh(exp.mesh)
+    mesh = sh.make_mesh(exp.mesh, devices)
     rules = sh.get_rules(exp.mesh.rules)
     model = tr.experiment_model(exp.model, exp.runtime)
     optimizer = tr.make_optimizer(tc)

@@ -38,8 +38,11 @@ def saved_run(tmp_path_factory):
     )  # fmt: skip
     run = tmp_path_factory.mktemp("run")
     model, opt = LoopCoder(cfg), tr.make_optimizer(TC)
+    one = sh.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    state = tr.make_init_fn(model, opt, one, RULES)(jax.random.key(3))
     mesh = sh.make_mesh(MeshConfig(fsdp=4, tensor=2), jax.devices()[:8])
-    state = tr.make_init_fn(model, opt, mesh, RULES)(jax.random.key(3))
+    _, shard = tr.state_shardings(model, opt, mesh, RULES)
+    state = jax.device_put(state, shard)  # saved from the 8-device mesh
     # make the Adam moments non-trivial so a mix-up of mu/nu/params would show
     state = state.replace(
         opt_state=jax.tree.map(lambda x: x + 0.25 if x.ndim else x, state.opt_state)

@@ -110,7 +110,7 @@ def test_diverging_loss_stops_with_step_checkpoint_and_hint(tmp_path):
 
     exp = _tiny_exp(tmp_path, lr=1e30, warmup_steps=0, clip_grad_norm=0.0, checkpoint_every=1)
     with pytest.raises(TrainingDivergedError) as e:
-        run(exp, progress=False)
+        run(exp, progress=False, devices=jax.devices()[:1])
     msg = str(e.value)
     assert "at step 2" in msg and "checkpoints/1" in msg and "nan_policy=skip" in msg
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")  # the last good state

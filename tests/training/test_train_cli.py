@@ -174,3 +174,19 @@ def test_embedded_default_under_3_minutes_with_a_clear_loss_drop(tmp_path):
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert q.returncode == 0, q.stderr[-3000:]
+
+
+def test_init_from_starts_from_the_given_params(straight_run, tmp_path, cache_dir):
+    """--init-from (here a run dir; a converter output works the same) seeds a fresh run."""
+    src = straight_run[0]
+    run = tmp_path / "finetune"
+    p = subprocess.run(
+        _train_cmd(run, "--steps", "2", "--init-from", str(src)),
+        cwd=REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"initialised params from {src}" in p.stdout
+    first = _metrics(run)[0]["loss"]
+    trained = [r["loss"] for r in _metrics(src)]
+    # a fresh init starts near ln(512) = 6.2; these params start where the source run ended
+    assert first < trained[0] - 0.8 and abs(first - np.mean(trained[-5:])) < 0.5, (first, trained)
