@@ -261,34 +261,40 @@ def train_tokenizer(
     if next(documents(), None) is None:
         raise TokenizerError(f"No training text found in {paths}.")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=documents(),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=max_sentence_length,
-        user_defined_symbols=specials,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        unk_piece=UNK,
-        bos_piece=BOS,
-        eos_piece=EOS,
-        pad_piece=PAD,
-        num_threads=num_threads,
-        input_sentence_size=max_documents,
-        shuffle_input_sentence=max_documents > 0,
-        seed_sentencepiece_size=1_000_000,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=documents(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=max_sentence_length,
+            user_defined_symbols=specials,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            num_threads=num_threads,
+            input_sentence_size=max_documents,
+            shuffle_input_sentence=max_documents > 0,
+            seed_sentencepiece_size=1_000_000,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+        raise TokenizerError(
+            f"SentencePiece training failed: {e}. With byte fallback the vocab must exceed "
+            f"256 + {4 + len(specials)} reserved ids + the distinct characters of the input."
+        ) from None
     proto = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
