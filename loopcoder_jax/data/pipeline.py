@@ -41,6 +41,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags as absl_flags
 
 from loopcoder_jax.config import DataConfig
 from loopcoder_jax.data.tokenizer import Tokenizer, TokenizerError
@@ -101,6 +102,13 @@ class DataStats:
         elif n & (n - 1) == 0:  # powers of two: a growing problem stays visible, logs stay short
             log.warning("data: %s", self.summary())
 
+    def __getstate__(self):  # grain worker processes get their own counters
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def summary(self) -> str:
         with self._lock:
             total = self.records_ok + self.records_bad
@@ -153,17 +161,23 @@ def resolve_sources(patterns: Sequence[str]) -> list[str]:
 class _JsonlFile:
     """Random access to the non-blank lines of a JSONL file through a byte-offset index."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, chunk_bytes: int = 1 << 26):
         self.path = path
+        # One pass in bounded memory; the index costs 16 bytes per line. (For very large
+        # corpora prefer ArrayRecord: it is indexed natively and needs no scan.)
+        ends, size = [], 0
         with open(path, "rb") as f:
-            data = np.fromfile(f, dtype=np.uint8)
-        ends = np.flatnonzero(data == ord("\n"))
-        if len(data) and data[-1] != ord("\n"):
-            ends = np.append(ends, len(data))  # last line without a newline
-        starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, np.int64)
-        # Blank lines (also "\r" alone) are not records: JSONL writers often end with one.
+            while chunk := f.read(chunk_bytes):
+                ends.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+                size += len(chunk)
+                last = chunk[-1]
+        ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        if size and last != 10:
+            ends = np.append(ends, size)  # last line without a newline
+        starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else ends
+        # Blank lines are not records (JSONL writers often end with one); a line of spaces is
+        # kept and reported as malformed.
         keep = (ends - starts) > 0
-        keep &= ~(((ends - starts) == 1) & (data[np.minimum(starts, max(len(data) - 1, 0))] == 13))
         self.line_numbers = np.flatnonzero(keep) + 1  # 1-based, as editors show them
         self.starts = starts[keep]
         self.ends = ends[keep]
@@ -464,23 +478,28 @@ def _startup_check(cfg: DataConfig, source: RecordSource, encoder: _Encoder) -> 
             f"data sources {source.paths} hold no records (empty files). Point data.sources at "
             "JSONL/ArrayRecord files with one JSON object per line/record."
         )
-    probe = dataclasses.replace(encoder, stats=DataStats(quiet=True))
-    if True:
-        for file_index, f in enumerate(source.files):
-            n = min(len(f), cfg.startup_check_records)
-            if n == 0:
-                log.warning("data: %s holds no records; it is ignored.", f.path)
-                continue
-            base = source.offsets[file_index]
-            good = sum(probe(source[base + i]) is not None for i in range(n))
-            if good == 0:
-                first = "; ".join(f"line {ln}: {r}" for _, ln, r in probe.stats.examples[:3])
-                raise DataError(
-                    f"none of the first {n} records of {f.path} is usable ({first}). Check "
-                    f"the format: JSON objects with a string {cfg.text_field!r} field, or a "
-                    f"{cfg.messages_field!r} list of {{role, content}} messages (set "
-                    "data.text_field / data.messages_field / data.record_format to match)."
-                )
+    if cfg.startup_check_records == 0:
+        return
+    # Many-file corpora: fewer records per file, but always enough to see a broken file.
+    per_file = max(
+        min(16, cfg.startup_check_records), cfg.startup_check_records // len(source.files)
+    )
+    for file_index, f in enumerate(source.files):
+        if len(f) == 0:
+            log.warning("data: %s holds no records; it is ignored.", f.path)
+            continue
+        n = min(len(f), per_file)
+        probe = dataclasses.replace(encoder, stats=DataStats(quiet=True))
+        base = source.offsets[file_index]
+        good = sum(probe(source[base + i]) is not None for i in range(n))
+        if good == 0:
+            first = "; ".join(f"line {ln}: {r}" for _, ln, r in probe.stats.examples[:3])
+            raise DataError(
+                f"none of the first {n} records of {f.path} is usable ({first}). Check "
+                f"the format: JSON objects with a string {cfg.text_field!r} field, or a "
+                f"{cfg.messages_field!r} list of {{role, content}} messages (set "
+                "data.text_field / data.messages_field / data.record_format to match)."
+            )
 
 
 def make_train_iterator(
@@ -543,6 +562,10 @@ def make_train_iterator(
     it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     if data_cfg.worker_count > 0:
+        # grain's worker processes read absl flags; a plain `python train.py` never parses
+        # them, so take the defaults (what an absl app would do with no flags given).
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
     it = iter(it_ds)
     it.data_stats = stats  # counters of this process (of worker processes when worker_count > 0)

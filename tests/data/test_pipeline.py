@@ -376,3 +376,40 @@ def test_iterator_is_a_grain_iterator(corpus, tok):
         DataConfig(sources=(corpus[0],)), tokenizer=tok, seq_len=T, batch_size=2
     )
     assert isinstance(it, grain.DatasetIterator)
+
+
+def test_jsonl_index_edge_cases(tmp_path):
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(b'{"text": "a"}\r\n\n{"text": "b"}\n  \n{"text": "c"}')  # CRLF, no final \n
+    for chunk in (3, 1 << 20):  # newline search across read-chunk boundaries
+        f = pipeline._JsonlFile(str(path), chunk_bytes=chunk)
+        rows = [f.read(i) for i in range(len(f))]
+        assert [ln for _, ln in rows] == [1, 3, 4, 5]
+        assert [json.loads(r) if r.strip() else None for r, _ in rows] == [
+            {"text": "a"},
+            {"text": "b"},
+            None,  # a line of spaces is a record, reported as malformed
+            {"text": "c"},
+        ]
+
+
+def test_worker_processes_give_the_same_batches_and_resume(corpus, tok):
+    path, _ = corpus
+    cfg = DataConfig(sources=(path,), worker_count=1)
+    kw = dict(tokenizer=tok, seq_len=T, batch_size=2, seed=4)
+    inproc = make_train_iterator(cfg.replace(worker_count=0), **kw)
+    expected = _take(inproc, 6)
+    it = make_train_iterator(cfg, **kw)
+    try:
+        got = _take(it, 3)
+        state = json.loads(json.dumps(pipeline.iterator_state(it)))
+    finally:
+        it.close()
+    fresh = make_train_iterator(cfg, **kw)
+    try:
+        pipeline.restore_iterator_state(fresh, state)
+        got += _take(fresh, 3)
+    finally:
+        fresh.close()
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want["input_ids"], have["input_ids"])
