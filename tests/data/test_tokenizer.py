@@ -4,6 +4,7 @@ training (API + CLI), and that the shipped assets are exactly what build_assets 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -177,3 +178,28 @@ def test_shipped_assets_are_reproducible(tmp_path):
 def test_train_tokenizer_vocab_below_characters_is_a_clear_error(train_inputs, tmp_path):
     with pytest.raises(TokenizerError, match="distinct characters"):
         train_tokenizer([str(train_inputs / "a.jsonl")], 300, str(tmp_path / "t"))
+
+
+def test_foreign_model_without_pad_or_all_specials(tmp_path):
+    """A model laid out like other releases (no pad piece, a subset of the special tokens at
+    other ids) loads the same way: specials found by piece, pad falls back to EOS."""
+    import sentencepiece as spm
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(build_assets.generate_corpus(seed=1, target_bytes=20_000)))
+    prefix = str(tmp_path / "foreign")
+    spm.SentencePieceTrainer.Train(
+        input=str(text),
+        model_prefix=prefix,
+        vocab_size=300,
+        user_defined_symbols=["<|im_end|>", "<|fim_prefix|>"],
+        pad_id=-1,
+        minloglevel=2,
+    )
+    t = load_tokenizer(prefix + ".model")
+    assert t.pad_id == t.eos_id == 2 and t.bos_id == 1
+    assert set(t.special_ids) == {"<|im_end|>", "<|fim_prefix|>"}
+    assert t.encode("a<|im_end|>", add_bos=False)[-1] == t.special_ids["<|im_end|>"]
+    assert t.stop_ids == (t.eos_id, t.special_ids["<|im_end|>"])
+    with pytest.raises(TokenizerError, match=re.escape("no single-id '<|repo_name|>'")):
+        t.special_id("<|repo_name|>")
