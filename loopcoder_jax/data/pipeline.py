@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -536,8 +536,7 @@ def make_train_iterator(
     paths = resolve_sources(data_cfg.sources)
     source = RecordSource(paths)
     stats = DataStats(process_index)
-    encoder = _Encoder(data_cfg, tokenizer.path, paths, stats)
-    encoder._tok = tokenizer
+    encoder = _Encoder(data_cfg, tokenizer.path, paths, stats, _tok=tokenizer)
     _startup_check(data_cfg, source, encoder)
 
     n = len(source)
@@ -556,9 +555,10 @@ def make_train_iterator(
         ds = ds.random_map(encoder, seed=data_seed)
     else:
         ds = ds.map(encoder)
-    # Malformed records map to None, which the iterator skips. Two read threads keep
-    # tokenization ahead of the train step without crowding a small host.
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+    # Malformed records map to None, which the iterator skips. A few read threads keep
+    # tokenization ahead of the train step, which runs outside the GIL in XLA.
+    read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)
+    it_ds = ds.to_iter_dataset(read)
     it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     if data_cfg.worker_count > 0:
@@ -605,12 +605,3 @@ def describe_batch(batch: dict[str, np.ndarray]) -> dict[str, float]:
         "trained_fraction": float(batch["loss_mask"].mean()),
         "segments_per_row": float(batch["segment_ids"].max(axis=1).mean()),
     }
-
-
-def iterate_numpy(it, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """Up to `num_batches` batches from `it` (for tests and benchmarks)."""
-    for _ in range(num_batches):
-        try:
-            yield next(it)
-        except StopIteration:
-            return
