@@ -605,3 +605,47 @@ def describe_batch(batch: dict[str, np.ndarray]) -> dict[str, float]:
         "trained_fraction": float(batch["loss_mask"].mean()),
         "segments_per_row": float(batch["segment_ids"].max(axis=1).mean()),
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m loopcoder_jax.data.pipeline --sources FILES`: check data and show batches."""
+    import argparse
+    import sys
+
+    from loopcoder_jax.data.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.pipeline")
+    parser.add_argument("--sources", nargs="*", default=[], help="default: the shipped corpus")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--record-format", default="auto", choices=["auto", "text", "chat"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = DataConfig(
+        sources=tuple(args.sources), tokenizer=args.tokenizer, record_format=args.record_format
+    )
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+        it = make_train_iterator(
+            cfg, tokenizer=tok, seq_len=args.seq_len, batch_size=args.batch_size
+        )
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i in range(args.batches):
+        batch = next(it)
+        print(json.dumps({"batch": i, **describe_batch(batch)}))
+        for row in range(min(args.show, args.batch_size)):
+            seg = batch["segment_ids"][row]
+            for s in range(1, int(seg.max()) + 1):
+                print(f"--- row {row} segment {s} ---")
+                print(tok.decode(batch["input_ids"][row][seg == s]))
+    print(json.dumps(data_stats(it).as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

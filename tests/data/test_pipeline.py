@@ -413,3 +413,11 @@ def test_worker_processes_give_the_same_batches_and_resume(corpus, tok):
         fresh.close()
     for want, have in zip(expected, got, strict=True):
         np.testing.assert_array_equal(want["input_ids"], have["input_ids"])
+
+
+def test_preview_cli(corpus, tmp_path, capsys):
+    assert pipeline.main(["--sources", corpus[0], "--seq-len", "32", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"real_fraction": 1.0' in out and "def doc_" in out and '"records_bad": 0' in out
+    assert pipeline.main(["--sources", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
