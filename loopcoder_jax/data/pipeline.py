@@ -397,8 +397,9 @@ class _PackIterator(grain.DatasetIterator):
     restore re-reads that one document and skips its emitted tokens: exact, and tiny to save.
     """
 
-    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str):
+    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str, stream_id: str):
         super().__init__(parent)
+        self._stream_id = stream_id
         self._seq_len = seq_len
         self._pad_id = pad_id
         self._split_long = split_long
@@ -446,10 +447,20 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         if self._carry is None:
-            return {"parent": self._parent.get_state(), "offset": 0, "pending": False}
-        return {"parent": self._carry_state, "offset": self._offset, "pending": True}
+            state = {"parent": self._parent.get_state(), "offset": 0, "pending": False}
+        else:
+            state = {"parent": self._carry_state, "offset": self._offset, "pending": True}
+        return {**state, "stream": self._stream_id}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("stream", self._stream_id)
+        if saved != self._stream_id:
+            raise DataError(
+                f"The data-iterator state was saved for a different record stream ({saved}) "
+                f"than this one ({self._stream_id}): the data, the process layout or the data "
+                "seed/shuffle/tokenizer changed, so its position means other records here. "
+                "Restore with the same data config and process count, or start a new run."
+            )
         self._parent.set_state(state["parent"])
         self._carry, self._offset = None, 0
         if state["pending"]:
@@ -459,12 +470,13 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, split_long: str):
+    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str, stream_id: str):
         super().__init__(parent)
-        self._seq_len, self._pad_id, self._split_long = seq_len, pad_id, split_long
+        self._args = (seq_len, pad_id, split_long, stream_id)
+        self._seq_len, self._split_long = seq_len, split_long
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(iter(self._parent), self._seq_len, self._pad_id, self._split_long)
+        return _PackIterator(iter(self._parent), *self._args)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._seq_len}, split_long={self._split_long})"
@@ -559,7 +571,13 @@ def make_train_iterator(
     # tokenization ahead of the train step, which runs outside the GIL in XLA.
     read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)
     it_ds = ds.to_iter_dataset(read)
-    it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long)
+    # What a saved position refers to: records, this shard, their order, their tokens. (Not
+    # seq_len or batch size: a position is a record + token offset, valid for any row shape.)
+    stream_id = (
+        f"records={n} shard={start}:{stop} seed={data_seed if data_cfg.shuffle else 'none'} "
+        f"epochs={data_cfg.num_epochs} fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}"
+    )
+    it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long, stream_id)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     if data_cfg.worker_count > 0:
         # grain's worker processes read absl flags; a plain `python train.py` never parses

@@ -421,3 +421,24 @@ def test_preview_cli(corpus, tmp_path, capsys):
     assert '"real_fraction": 1.0' in out and "def doc_" in out and '"records_bad": 0' in out
     assert pipeline.main(["--sources", str(tmp_path / "nope.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_restoring_a_state_of_another_stream_is_a_clear_error(corpus, tok):
+    path, _ = corpus
+    cfg = DataConfig(sources=(path,))
+    it = make_train_iterator(cfg, tokenizer=tok, seq_len=T, batch_size=2, seed=1)
+    _take(it, 2)
+    state = pipeline.iterator_state(it)
+    other = make_train_iterator(cfg, tokenizer=tok, seq_len=T, batch_size=2, seed=2)
+    with pytest.raises(DataError, match="different record stream.*seed=1"):
+        pipeline.restore_iterator_state(other, state)
+    sharded = make_train_iterator(
+        cfg, tokenizer=tok, seq_len=T, batch_size=2, seed=1, process_count=2
+    )
+    with pytest.raises(DataError, match="process count"):
+        pipeline.restore_iterator_state(sharded, state)
+    # A different row shape may resume the same stream (a position is record + token offset).
+    longer = make_train_iterator(cfg, tokenizer=tok, seq_len=2 * T, batch_size=1, seed=1)
+    pipeline.restore_iterator_state(longer, state)
+    row = next(longer)["input_ids"][0]
+    np.testing.assert_array_equal(row[:T], next(it)["input_ids"][0])
