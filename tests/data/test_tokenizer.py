@@ -181,8 +181,8 @@ def test_train_tokenizer_vocab_below_characters_is_a_clear_error(train_inputs, t
 
 
 def test_foreign_model_without_pad_or_all_specials(tmp_path):
-    """A model laid out like other releases (no pad piece, a subset of the special tokens at
-    other ids) loads the same way: specials found by piece, pad falls back to EOS."""
+    """A model laid out like other releases (no pad piece, some special tokens at other ids,
+    some stored as control pieces) loads the same way: specials found by piece, pad = EOS."""
     import sentencepiece as spm
 
     text = tmp_path / "t.txt"
@@ -193,13 +193,19 @@ def test_foreign_model_without_pad_or_all_specials(tmp_path):
         model_prefix=prefix,
         vocab_size=300,
         user_defined_symbols=["<|im_end|>", "<|fim_prefix|>"],
+        control_symbols=["<|im_start|>", "<|vendor_x|>"],
         pad_id=-1,
         minloglevel=2,
     )
     t = load_tokenizer(prefix + ".model")
     assert t.pad_id == t.eos_id == 2 and t.bos_id == 1
-    assert set(t.special_ids) == {"<|im_end|>", "<|fim_prefix|>"}
+    assert set(t.special_ids) == {"<|im_end|>", "<|fim_prefix|>", "<|im_start|>", "<|vendor_x|>"}
     assert t.encode("a<|im_end|>", add_bos=False)[-1] == t.special_ids["<|im_end|>"]
+    # Control pieces are not matched in text by SentencePiece; encode() still gives one id.
+    ids = t.encode("<|im_start|>user\nhi<|im_end|>", add_bos=False)
+    assert ids[0] == t.special_ids["<|im_start|>"] and ids.count(t.unk_id) == 0
+    assert t.decode(ids).startswith("<|im_start|>user") and t.decode(ids).endswith("hi<|im_end|>")
+    assert t.encode_batch(["x<|vendor_x|>", "y"])[0][-1] == t.special_ids["<|vendor_x|>"]
     assert t.stop_ids == (t.eos_id, t.special_ids["<|im_end|>"])
     with pytest.raises(TokenizerError, match=re.escape("no single-id '<|repo_name|>'")):
         t.special_id("<|repo_name|>")
