@@ -409,19 +409,6 @@ def make_train_step(
     return MeshProgram(jitted, mesh, rules)
 
 
-def make_eval_loss(model: LoopCoder, mesh: Mesh, rules, *, train_cfg: TrainConfig):
-    """`eval_loss(params, batch) -> mean masked CE` (no update), same shardings as training."""
-    _, state_sh = state_shardings(model, make_optimizer(train_cfg), mesh, rules)
-    b_sh = batch_sharding(mesh, rules)
-
-    def f(params, batch):
-        _, (ce, _, n) = loss_sums(model, params, batch, train_cfg)
-        return ce / jnp.maximum(n, 1.0)
-
-    jitted = jax.jit(f, in_shardings=(state_sh.params, {k: b_sh for k in BATCH_KEYS}))
-    return MeshProgram(jitted, mesh, rules)
-
-
 def count_params(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
@@ -438,7 +425,6 @@ __all__ = [
     "abstract_batch",
     "chunked_cross_entropy",
     "decay_mask",
-    "make_eval_loss",
     "make_init_fn",
     "make_optimizer",
     "make_schedule",
