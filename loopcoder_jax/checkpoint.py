@@ -12,6 +12,7 @@ crash never leaves a `DIR` that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -373,3 +374,29 @@ def _load_single_tree(item: str, target, dtype, shardings):
 
     target = jax.tree.map(spec, target, stored, shardings)
     return checkpointer.restore(item, target)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False):
+    """Yields a temporary directory that becomes `path` only if the block succeeds.
+
+    On an exception the temporary directory is removed and `path` is left untouched, so a
+    directory at `path` is always complete.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True (--overwrite) or pick a new path."
+        )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
