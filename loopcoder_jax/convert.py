@@ -554,6 +554,13 @@ def save_hf_checkpoint(
             leaf = _get(params, leaf_path)
         except (KeyError, TypeError):
             raise CheckpointError(f"params have no leaf {'/'.join(leaf_path)} for {cfg}") from None
+        _, tr, stacked = rows[leaf_path]
+        want = (cfg.num_hidden_layers, *tr.flax_shape(cfg)) if stacked else tr.flax_shape(cfg)
+        if tuple(leaf.shape) != tuple(want):
+            raise CheckpointError(
+                f"params leaf {'/'.join(leaf_path)} has shape {tuple(leaf.shape)} but the config "
+                f"implies {tuple(want)}; pass the ModelConfig these params were made with."
+            )
         out_dtypes[leaf_path] = dtype or np.dtype(leaf.dtype)
         pieces.append((leaf_path, 0 if leaf_path[0] == "layers" else None, leaf))
     bar = _Progress(0, "save-hf", False)
