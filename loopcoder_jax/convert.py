@@ -752,6 +752,8 @@ def fold_checkpoint(
             gate_init,
             loop_window_size,
         )
+        if dtype is not None:
+            cfg = cfg.replace(torch_dtype=_dtype_name(_as_dtype(dtype)))
         start = time.perf_counter()
         ckpt.save_params(dst, cfg, _cast_tree(folded, _as_dtype(dtype)), overwrite=overwrite)
         return {"seconds": round(time.perf_counter() - start, 3), "dst": os.path.abspath(dst)}
