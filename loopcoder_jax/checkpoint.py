@@ -32,7 +32,7 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "loopcoder-jax/params-pieces/v1"
 LAYERS_KEY = "layers"  # params subtree whose leaves are stacked [L, ...]
-DEFAULT_GROUP_BYTES = 256 * 2**20
+DEFAULT_GROUP_BYTES = 64 * 2**20  # host memory per Orbax write: ~3.5x this at peak
 
 
 class CheckpointNotFoundError(FileNotFoundError):
