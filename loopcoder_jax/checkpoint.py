@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
@@ -90,11 +91,17 @@ class ParamsWriter:
         self.cfg = cfg
         self.group_bytes = group_bytes
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(
-            parent, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:8]}"
-        )
-        os.makedirs(os.path.join(self.tmp, PARAMS_ITEM))
+        # Multi-process (jax.distributed): every process writes its own shards into the SAME
+        # directory, so the name cannot be random; the primary process owns the directory.
+        self._primary = jax.process_index() == 0
+        self._multi = jax.process_count() > 1
+        suffix = "mp" if self._multi else uuid.uuid4().hex[:8]
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{suffix}")
+        if self._primary:
+            os.makedirs(parent, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier multi-process run
+            os.makedirs(os.path.join(self.tmp, PARAMS_ITEM))
+        self._sync("open")
         self.leaves: dict[str, dict] = {}
         self._group: dict[str, object] = {}
         self._group_nbytes = 0
@@ -108,8 +115,12 @@ class ParamsWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.commit()
-        else:
+        elif self._primary:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _sync(self, what: str):
+        if self._multi:
+            multihost_utils.sync_global_devices(f"loopcoder_jax.ParamsWriter.{what}:{self.path}")
 
     def add(self, leaf_path: tuple[str, ...], piece, *, shape, start: int | None = None):
         """Adds `piece` of the leaf at `leaf_path` (full shape `shape`).
@@ -148,8 +159,15 @@ class ParamsWriter:
         self._num_groups += 1
 
     def commit(self) -> str:
+        self._flush()
+        self._sync("saved")
+        if self._primary:
+            self._finalize()
+        self._sync("committed")
+        return self.path
+
+    def _finalize(self):
         try:
-            self._flush()
             for key, entry in self.leaves.items():
                 covered = (
                     entry["pieces"][0]["start"] is None
@@ -166,7 +184,6 @@ class ParamsWriter:
         finally:
             if os.path.exists(self.tmp):
                 shutil.rmtree(self.tmp, ignore_errors=True)
-        return self.path
 
 
 def _leaves_with_paths(tree) -> list[tuple[tuple[str, ...], object]]:
