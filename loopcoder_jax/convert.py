@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -386,7 +387,12 @@ def open_hf_checkpoint(path: str | os.PathLike):
         try:
             cfg = ModelConfig.from_hf(cfg_file)
         except ConfigError as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
+            if "Unknown config keys" not in str(e):
+                raise CheckpointError(f"{cfg_file}: {e}") from None
+            # Newer transformers add bookkeeping keys; the tensor shape check below still
+            # catches a config that does not describe these weights.
+            warnings.warn(f"{e} They are ignored for conversion.", stacklevel=2)
+            cfg = ModelConfig.from_hf(cfg_file, strict=False)
         reader = sio.open_checkpoint(path)
     except sio.SafetensorsError as e:
         raise CheckpointError(str(e)) from None

@@ -215,3 +215,12 @@ def test_save_hf_checkpoint_rejects_wrong_params_up_front(tiny_config, tmp_path)
     with pytest.raises(CheckpointError, match="lm_head/kernel"):
         convert.save_hf_checkpoint(tiny_config, params, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_unknown_config_keys_warn_but_convert(good, tmp_path):
+    """Newer transformers write extra bookkeeping keys: named in a warning, not fatal."""
+    path, _, cfg = good
+    (path / "config.json").write_text(json.dumps(dict(cfg, layer_types=["full_attention"] * 2)))
+    with pytest.warns(UserWarning, match="layer_types"):
+        loaded, _ = convert.load_hf_checkpoint(path)
+    assert loaded.num_hidden_layers == 2
