@@ -277,3 +277,46 @@ def test_streaming_memory_does_not_grow_with_the_largest_leaf(tmp_path):
     print(f"peak {peak_mb:.0f} MB, import {base_mb:.0f} MB, largest leaf {largest_mb:.0f} MB")
     # Holding the leaf whole would cost it once plus Orbax's ~2x working copy on top.
     assert peak_mb - base_mb < largest_mb, (peak_mb, base_mb)
+
+
+@pytest.mark.slow
+def test_two_process_save_and_reshard_restore(tmp_path):
+    """save_params from 2 jax.distributed processes (8 devices, fsdp x tensor = 4 x 2) writes
+    one checkpoint; it restores onto another mesh in both processes and here (1 process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    worker = os.path.join(REPO, "tests", "convert_multiprocess_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(port), str(tmp_path)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [
+        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        for out, _ in outs
+    ]
+    assert results[0] == results[1]
+    r = results[0]
+    assert r["bit_equal"] and r["dtype"] == "bfloat16"
+    assert r["mesh"] == {"fsdp": 8, "tensor": 1} and r["local_shard"] == [2, 16, 384]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # committed once, no temp dirs left
+    _, here = ckpt.load_params(tmp_path / "ckpt")
+    flat = jax.tree_util.tree_leaves_with_path(here)
+    assert sorted(jax.tree_util.keystr(p) for p, _ in flat) == sorted(r["saved"])
+    emb = np.asarray(here["embed_tokens"]["embedding"], np.float32).reshape(-1)
+    want = float(np.sum(emb * np.cos(np.arange(emb.size, dtype=np.float32))))
+    assert abs(want - r["saved"]["['embed_tokens']['embedding']"]) < 1e-3 * max(1, abs(want))
