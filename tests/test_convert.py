@@ -203,7 +203,28 @@ def test_cli_round_trip_and_error_exit(hf_dirs, tmp_path):
         text=True,
         timeout=120,
     )
-    a = run("hf-to-orbax", hf_dirs[3, "bf16"], str(tmp_path / "ox"), "--dtype", "float32")
+    # The first conversion runs with torch made unimportable: TPU VMs do not have it.
+    no_torch = (
+        "import sys; sys.modules['torch'] = None; from loopcoder_jax.convert import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    a = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            no_torch,
+            "hf-to-orbax",
+            hf_dirs[3, "bf16"],
+            str(tmp_path / "ox"),
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert a.returncode == 0, a.stderr
     summary = json.loads(a.stdout.strip().splitlines()[-1])
     assert summary["tensors"] == 25 and summary["bytes"] > 0 and summary["MB_per_s"] > 0
