@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import ml_dtypes
@@ -75,7 +76,8 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float]:
     the parent's RSS, which here holds jax and the synthetic data.)
     """
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    rss_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".rss")
+    fd, rss_file = tempfile.mkstemp(suffix=".rss")
+    os.close(fd)
     start = time.perf_counter()
     proc = subprocess.run(
         ["/usr/bin/time", "-f", "%U %S %M", "-o", rss_file, *cmd],
