@@ -363,13 +363,14 @@ def hf_tensor_order(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, shapes[n]) for n in names]
 
 
-def open_hf_checkpoint(path: str | os.PathLike):
+def open_hf_checkpoint(path: str | os.PathLike, *, allow_mixed: bool = False):
     """Validates a HF checkpoint directory without reading any weights.
 
     Checks config.json, every safetensors header and the index, that the tensor names and shapes
-    are exactly those config.json implies, and that the weights are one float dtype.
+    are exactly those config.json implies, and that the weights are float and (unless
+    `allow_mixed`, used when the caller casts everything anyway) all of one dtype.
     Returns:
-      (ModelConfig, `safetensors_io.TensorReader`, stored numpy dtype).
+      (ModelConfig, `safetensors_io.TensorReader`, stored numpy dtype: the widest one).
     Raises:
       CheckpointError naming the file/tensor and the fix.
     """
@@ -406,7 +407,7 @@ def open_hf_checkpoint(path: str | os.PathLike):
     for name, info in infos.items():
         codes.setdefault(info.dtype, []).append(name)
     bad = {c: n for c, n in codes.items() if c not in _WEIGHT_CODES}
-    if bad or len(codes) > 1:
+    if bad or (len(codes) > 1 and not allow_mixed):
         reader.close()
         rare = sorted(codes, key=lambda c: len(codes[c]))[0]
         where = bad or {rare: codes[rare]}
@@ -414,10 +415,11 @@ def open_hf_checkpoint(path: str | os.PathLike):
         raise CheckpointError(
             f"{path}: tensor {sorted(names)[0]!r} ({infos[sorted(names)[0]].file}) has dtype {c}"
             + (f" while the others are {sorted(set(codes) - {c})}" if len(codes) > 1 else "")
-            + f". Weights must all be one of {list(_WEIGHT_CODES)}: re-export the checkpoint "
-            "in a single float dtype."
+            + f". Weights must be one of {list(_WEIGHT_CODES)}"
+            + ("" if bad else ", all the same unless you cast them all with --dtype")
+            + ": re-export the checkpoint in a single float dtype."
         )
-    stored = sio.DTYPES[next(iter(codes))]
+    stored = max((sio.DTYPES[c] for c in codes), key=lambda d: d.itemsize)
     return cfg, reader, stored
 
 
@@ -456,8 +458,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig
     Returns:
       (ModelConfig, params) with numpy leaves in the layout of `LoopCoder`'s params.
     """
-    cfg, reader, stored = open_hf_checkpoint(path)
-    dtype = _as_dtype(dtype) or stored
+    dtype = _as_dtype(dtype)
+    cfg, reader, stored = open_hf_checkpoint(path, allow_mixed=dtype is not None)
+    dtype = dtype or stored
     params: dict = {}
     with reader:
         for leaf_path, _, leaf, _ in _hf_pieces(cfg, reader, dtype, None):
@@ -509,8 +512,9 @@ def hf_to_orbax(
     The output is what `checkpoint.load_params` (`train.py --init-from`, `infer.py
     --checkpoint`) reads, onto any mesh. Returns the summary (tensors, bytes, seconds, MB/s).
     """
-    cfg, reader, stored = open_hf_checkpoint(src)
-    dtype = _as_dtype(dtype) or stored
+    dtype = _as_dtype(dtype)
+    cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
+    dtype = dtype or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
     total = sum(i.nbytes for i in reader.infos.values())
     bar = _Progress(total, "hf-to-orbax", progress)
@@ -789,8 +793,9 @@ def fold_checkpoint(
         start = time.perf_counter()
         ckpt.save_params(dst, cfg, _cast_tree(folded, _as_dtype(dtype)), overwrite=overwrite)
         return {"seconds": round(time.perf_counter() - start, 3), "dst": os.path.abspath(dst)}
-    dense_cfg, reader, stored = open_hf_checkpoint(src)
-    dtype = _as_dtype(dtype) or stored
+    dtype = _as_dtype(dtype)
+    dense_cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
+    dtype = dtype or stored
     cfg = _folded_config(dense_cfg, num_layers, loop_num, loop_window_size)
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
     sources = fold_sources(strategy, dense_cfg.num_hidden_layers, num_layers)

@@ -120,6 +120,14 @@ def test_wrong_dtype(good, tmp_path, bad_dtype, code):
     write_hf(tmp_path / "bad", tensors, cfg)
     msg = assert_refused(tmp_path / "bad", tmp_path, "model.norm.weight", code, "model.safetensors")
     assert "F32" in msg  # says what the others are / what is allowed
+    if code == "I32":  # never a weight, even when casting
+        with pytest.raises(CheckpointError, match="I32"):
+            convert.load_hf_checkpoint(tmp_path / "bad", dtype="float32")
+    else:  # mixed float dtypes are fine when everything is cast anyway
+        _, params = convert.load_hf_checkpoint(tmp_path / "bad", dtype="float32")
+        np.testing.assert_array_equal(
+            params["norm"]["scale"], tensors["model.norm.weight"].astype(np.float32)
+        )
 
 
 def test_truncated_shard(good, tmp_path):
