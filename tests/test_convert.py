@@ -191,6 +191,27 @@ def test_restore_onto_a_mesh(hf_dirs, tmp_path):
         np.testing.assert_array_equal(bits(x), bits(want), err_msg=str(path))
     mlp = sharded["layers"]["mlp"]["up_proj"]["kernel"]  # [L, D, F]: D on fsdp, F on tensor
     assert mlp.addressable_shards[0].data.shape == (2, 16, 48)
+    # Layers themselves sharded (pipeline-style, L = 2 over 2 devices), others replicated: the
+    # one-layer slabs of the checkpoint are reassembled onto it.
+    mesh2 = jax.make_mesh((2, 4), ("stage", "rest"))
+    by_layer = jax.tree.map(
+        lambda s, x: jax.sharding.NamedSharding(
+            mesh2, jax.sharding.PartitionSpec("stage" if x.ndim >= 2 and x.shape[0] == 2 else None)
+        ),
+        shardings,
+        ckpt.abstract_params(cfg),
+    )
+    by_layer["embed_tokens"]["embedding"] = jax.sharding.NamedSharding(
+        mesh2, jax.sharding.PartitionSpec()
+    )
+    _, staged = ckpt.load_params(tmp_path / "ox", shardings=by_layer)
+    q = staged["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.addressable_shards[0].data.shape == (1, 64, 4, 16)
+    assert q.dtype == jnp.float32  # the stored dtype
+    _, expected32 = convert.load_hf_checkpoint(hf_dirs[3, "f32"])
+    np.testing.assert_array_equal(
+        bits(q), bits(expected32["layers"]["self_attn"]["q_proj"]["kernel"])
+    )
 
 
 def test_cli_round_trip_and_error_exit(hf_dirs, tmp_path):
