@@ -41,8 +41,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def abstract_params(cfg: ModelConfig, runtime: RuntimeConfig = RuntimeConfig(), boxed=False):
+def abstract_params(cfg: ModelConfig, runtime: RuntimeConfig | None = None, boxed=False):
     """Shapes/dtypes of the params tree without allocating it (`jax.eval_shape` of init)."""
+    runtime = runtime or RuntimeConfig()
     from loopcoder_jax.model import LoopCoder  # local: model imports stay out of I/O paths
 
     model = LoopCoder(cfg, runtime)
@@ -111,7 +112,9 @@ def load_params(
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, target)
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if dtype else x.dtype, sharding=s),
+        lambda x, s: jax.ShapeDtypeStruct(
+            x.shape, jnp.dtype(dtype) if dtype else x.dtype, sharding=s
+        ),
         target,
         shardings,
     )

@@ -287,11 +287,11 @@ class RuntimeConfig:
                     object.__setattr__(self, name, enum_cls(value))
                 except ValueError:
                     choices = [m.value for m in enum_cls]
-                    raise ConfigError(f"runtime.{name}={value!r}; choose one of {choices}.") from None
+                    raise ConfigError(
+                        f"runtime.{name}={value!r}; choose one of {choices}."
+                    ) from None
         if not 0.0 <= float(self.bptt_grad_scale) <= 1.0:
-            raise ConfigError(
-                f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1]."
-            )
+            raise ConfigError(f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1].")
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

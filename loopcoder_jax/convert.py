@@ -79,17 +79,26 @@ _LAYER_ROWS = (
     (
         "model.layers.{i}.mlp.gate_proj.weight",
         ("mlp", "gate_proj", "kernel"),
-        _t(lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size, c.hidden_size)),
+        _t(
+            lambda c: (c.hidden_size, c.intermediate_size),
+            lambda c: (c.intermediate_size, c.hidden_size),
+        ),
     ),
     (
         "model.layers.{i}.mlp.up_proj.weight",
         ("mlp", "up_proj", "kernel"),
-        _t(lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size, c.hidden_size)),
+        _t(
+            lambda c: (c.hidden_size, c.intermediate_size),
+            lambda c: (c.intermediate_size, c.hidden_size),
+        ),
     ),
     (
         "model.layers.{i}.mlp.down_proj.weight",
         ("mlp", "down_proj", "kernel"),
-        _t(lambda c: (c.intermediate_size, c.hidden_size), lambda c: (c.hidden_size, c.intermediate_size)),
+        _t(
+            lambda c: (c.intermediate_size, c.hidden_size),
+            lambda c: (c.hidden_size, c.intermediate_size),
+        ),
     ),
     (
         "model.layers.{i}.input_layernorm.weight",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import kernels
 from loopcoder_jax import sharding as sh
-from loopcoder_jax.model.layers import apply_rope
+from loopcoder_jax.model.layers import Einsum, apply_rope
 
 Dtype = Any
 
@@ -47,11 +47,17 @@ class LoopGate(nn.Module):
         else:
             if self.gate_type == "query":
                 shape, names, spec, src = (
-                    (self.num_heads, self.head_dim), (sh.HEADS, sh.HEAD_DIM), "btnh,nh->btn", q
+                    (self.num_heads, self.head_dim),
+                    (sh.HEADS, sh.HEAD_DIM),
+                    "btnh,nh->btn",
+                    q,
                 )
             else:
                 shape, names, spec, src = (
-                    (x.shape[-1], self.num_heads), (sh.EMBED, sh.HEADS), "btd,dn->btn", x
+                    (x.shape[-1], self.num_heads),
+                    (sh.EMBED, sh.HEADS),
+                    "btd,dn->btn",
+                    x,
                 )
             kernel = self.param(
                 "kernel", nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
@@ -84,23 +90,15 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        def proj(features, axis, names):
-            return nn.DenseGeneral(
-                features,
-                axis=axis,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(self.init_std), names
-                ),
-            )
+        d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
 
-        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = proj((n, h), -1, (sh.EMBED, sh.HEADS, sh.HEAD_DIM))
-        self.k_proj = proj((k, h), -1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
-        self.v_proj = proj((k, h), -1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
-        self.o_proj = proj(self.hidden_size, (-2, -1), (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
+        def proj(shape, equation, names):
+            return Einsum(shape, equation, names, self.init_std, self.dtype, self.param_dtype)
+
+        self.q_proj = proj((d, n, h), "btd,dnh->btnh", (sh.EMBED, sh.HEADS, sh.HEAD_DIM))
+        self.k_proj = proj((d, k, h), "btd,dkh->btkh", (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
+        self.v_proj = proj((d, k, h), "btd,dkh->btkh", (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
+        self.o_proj = proj((n, h, d), "btnh,nhd->btd", (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
         self.loop_gate = LoopGate(n, h, self.gate_type, param_dtype=self.param_dtype)
 
     def _qkv(self, x, cos, sin):
@@ -134,9 +132,7 @@ class Attention(nn.Module):
         else:
             k0, v0 = shared_kv
             global_out = kernels.attention(q, k0, v0, kernels.Causal(), segment_ids)
-            local_out = kernels.attention(
-                q, k, v, kernels.LocalWindow(self.window), segment_ids
-            )
+            local_out = kernels.attention(q, k, v, kernels.LocalWindow(self.window), segment_ids)
             a = self.loop_gate(q, x, global_out, local_out)
         return self._out(a), (k, v)
 

@@ -335,8 +335,8 @@ class LoopCoder(nn.Module):
         return logits, cache
 
     def _empty_ring(self, like):
-        l, b, _, k, h = like.shape
-        return jnp.zeros((0, l, b, self.config.loop_window_size, k, h), like.dtype)
+        layers, b, _, k, h = like.shape
+        return jnp.zeros((0, layers, b, self.config.loop_window_size, k, h), like.dtype)
 
     def decode_step(self, token_ids, cache: LoopCache):
         """Appends one token per row. token_ids: [B, 1] -> (float32 logits [B, V], cache)."""
