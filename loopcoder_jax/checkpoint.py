@@ -51,8 +51,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def abstract_params(cfg: ModelConfig, runtime: RuntimeConfig = RuntimeConfig(), boxed=False):  # noqa: B008
+def abstract_params(cfg: ModelConfig, runtime: RuntimeConfig | None = None, boxed=False):
     """Shapes/dtypes of the params tree without allocating it (`jax.eval_shape` of init)."""
+    runtime = runtime or RuntimeConfig()
     from loopcoder_jax.model import LoopCoder  # local: model imports stay out of I/O paths
 
     model = LoopCoder(cfg, runtime)

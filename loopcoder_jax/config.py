@@ -48,6 +48,10 @@ _IGNORED_HF_KEYS = frozenset(
 )
 
 
+GATE_TYPES = frozenset({"query", "fixed", "hidden"})
+_ABLATION_DEFAULTS = {"gate_type": "query", "untied_loops": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """LoopCoder architecture, in Hugging Face `config.json` vocabulary.
@@ -81,6 +85,9 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = (2, 75864, 75869)
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # ---- research ablations (not in the released config.json; no HF export for non-defaults)
+    gate_type: str = "query"  # "query" (released), "fixed" (g = 0.5), "hidden" (from layer input)
+    untied_loops: bool = False  # True: a separate weight stack per loop (isolates weight sharing)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -121,6 +128,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.hidden_act={self.hidden_act!r} is not supported; LoopCoder uses 'silu'."
             )
+        if self.gate_type not in GATE_TYPES:
+            raise ConfigError(
+                f"model.gate_type={self.gate_type!r}; choose one of {sorted(GATE_TYPES)}."
+            )
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ConfigError("model.rope_theta and model.rms_norm_eps must be positive.")
 
@@ -133,7 +144,12 @@ class ModelConfig:
     @property
     def has_gate(self) -> bool:
         """Gate parameters exist only when some loop mixes global and local attention."""
-        return self.loop_num >= 2
+        return self.loop_num >= 2 and self.gate_type != "fixed"
+
+    @property
+    def is_released_architecture(self) -> bool:
+        """True unless an ablation option makes the model inexpressible as a HF checkpoint."""
+        return self.gate_type == "query" and not self.untied_loops
 
     def num_params(self) -> int:
         """Number of parameters (shared stack counted once)."""
@@ -146,9 +162,10 @@ class ModelConfig:
         )
         per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
         if self.has_gate:
-            per_layer += n * h + n
+            per_layer += (n * h if self.gate_type == "query" else d * n) + n
+        stacks = self.loop_num if self.untied_loops else 1
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + d
+        return stacks * self.num_hidden_layers * per_layer + embed + d
 
     # ------------------------------------------------------------------ HF round trip
     @classmethod
@@ -199,6 +216,9 @@ class ModelConfig:
         """The HF `config.json` dict (loop or dense architecture name chosen by `loop_num`)."""
         out = dataclasses.asdict(self)
         out["eos_token_id"] = list(self.eos_token_id)
+        for ablation in ("gate_type", "untied_loops"):  # keep released configs HF-clean
+            if out[ablation] == _ABLATION_DEFAULTS[ablation]:
+                del out[ablation]
         if self.loop_num == 1:
             out["architectures"] = ["LlamaForCausalLM"]
             out["model_type"] = "llama"
@@ -267,11 +287,11 @@ class RuntimeConfig:
                     object.__setattr__(self, name, enum_cls(value))
                 except ValueError:
                     choices = [m.value for m in enum_cls]
-                    raise ConfigError(f"runtime.{name}={value!r}; choose one of {choices}.") from None
+                    raise ConfigError(
+                        f"runtime.{name}={value!r}; choose one of {choices}."
+                    ) from None
         if not 0.0 <= float(self.bptt_grad_scale) <= 1.0:
-            raise ConfigError(
-                f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1]."
-            )
+            raise ConfigError(f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1].")
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
@@ -415,3 +435,77 @@ def model_config_from_section(section: Mapping[str, Any] | None) -> ModelConfig:
     if "eos_token_id" in section and isinstance(section["eos_token_id"], list):
         section["eos_token_id"] = tuple(section["eos_token_id"])
     return build_dataclass(ModelConfig, section, "model")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training-data pipeline (YAML section `data:`); see docs/data.md.
+
+    Sequence length and batch size are not here: they come from the train config and are
+    arguments of `data.pipeline.make_train_iterator`.
+
+    sources: JSONL files (`.jsonl`, one JSON object per line) and ArrayRecord files
+      (`.array_record`, one JSON object per record), as paths or globs. Empty = the small code
+      corpus shipped in the package (`loopcoder_jax/assets/corpus.jsonl`).
+    record_format: "auto" (a record with `messages_field` is a chat conversation, otherwise
+      text), "text" or "chat". Chat records train only on assistant tokens (SFT).
+    text_field / messages_field: JSON keys of the document text / the chat message list
+      (`[{"role": ..., "content": ...}, ...]`).
+    tokenizer: path of a SentencePiece `tokenizer.model`; None = the model shipped in the package.
+    add_bos / add_eos: wrap each text document in `<s>` ... `</s>`.
+    shuffle: shuffle records (per epoch, deterministic given the seed).
+    seed: data seed; None = the seed passed to `make_train_iterator` (the train seed).
+    num_epochs: passes over the data; None = repeat forever.
+    split_long: "always" fills every row completely and splits a document across rows where it
+      does not fit (no padding; pretraining); "long_only" starts a document that fits in one row
+      on a fresh row instead (some padding; keeps SFT conversations whole).
+    fim_rate: fraction of text documents rewritten as file-level fill-in-the-middle
+      (`<|fim_prefix|>pre<|fim_suffix|>suf<|fim_middle|>mid<|im_end|>`, DESIGN.md §4).
+    worker_count: grain worker processes for reading + tokenizing (0 = in the main process,
+      the right choice on small hosts; malformed-record counters then live in this process).
+    read_threads: threads reading + tokenizing ahead of the consumer (in each process).
+    startup_check_records: records read from the start of each source file before training to
+      catch a wrong path, field name or format at once instead of mid-run.
+    """
+
+    sources: tuple[str, ...] = ()
+    record_format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    tokenizer: str | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    shuffle: bool = True
+    seed: int | None = None
+    num_epochs: int | None = None
+    split_long: str = "always"
+    fim_rate: float = 0.0
+    worker_count: int = 0
+    read_threads: int = 2
+    startup_check_records: int = 1000
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        elif not isinstance(self.sources, tuple):
+            object.__setattr__(self, "sources", tuple(self.sources))
+        if self.record_format not in ("auto", "text", "chat"):
+            raise ConfigError(
+                f"data.record_format={self.record_format!r}; choose 'auto', 'text' or 'chat'."
+            )
+        if self.split_long not in ("always", "long_only"):
+            raise ConfigError(
+                f"data.split_long={self.split_long!r}; choose 'always' or 'long_only'."
+            )
+        if not 0.0 <= float(self.fim_rate) <= 1.0:
+            raise ConfigError(f"data.fim_rate={self.fim_rate} must lie in [0, 1].")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs={self.num_epochs}; use an integer >= 1 or null.")
+        if self.worker_count < 0 or self.startup_check_records < 0:
+            raise ConfigError("data.worker_count and data.startup_check_records must be >= 0.")
+        if self.read_threads < 1:
+            raise ConfigError(f"data.read_threads={self.read_threads} must be >= 1.")
+
+    def replace(self, **changes) -> DataConfig:
+        return dataclasses.replace(self, **changes)

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from convert_support import ATOL, bits, hf_config, jax_logits, read_all
 
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import convert
 from loopcoder_jax import sharding as sh
+from tests.convert_support import ATOL, bits, hf_config, jax_logits, read_all
 
 torch = pytest.importorskip("torch")
-from reference.torch_loopcoder import (  # noqa: E402
+from tests.reference.torch_loopcoder import (  # noqa: E402
     TorchLoopCoder,
     llama_forward,
     save_hf_checkpoint_torch,

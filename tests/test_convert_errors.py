@@ -12,13 +12,13 @@ import struct
 import jax
 import numpy as np
 import pytest
-from convert_support import hf_config
 from safetensors.numpy import save_file
 
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import convert
 from loopcoder_jax.config import ModelConfig
 from loopcoder_jax.convert import CheckpointError
+from tests.convert_support import hf_config
 
 
 def official_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:

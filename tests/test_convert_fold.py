@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from convert_support import ATOL, bits, hf_config, jax_logits
 
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import convert
 from loopcoder_jax.config import ModelConfig
 from loopcoder_jax.convert import CheckpointError
+from tests.convert_support import ATOL, bits, hf_config, jax_logits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = np.random.default_rng(2).integers(0, 128, (2, 12))
@@ -85,7 +85,7 @@ def test_bad_fold_requests():
 def doubled_dense(tmp_path_factory):
     """A dense 4-layer HF checkpoint whose layers 2, 3 repeat layers 0, 1, and its torch state."""
     torch = pytest.importorskip("torch")
-    from reference.torch_loopcoder import TorchLoopCoder, save_hf_checkpoint_torch
+    from tests.reference.torch_loopcoder import TorchLoopCoder, save_hf_checkpoint_torch
 
     torch.set_num_threads(1)
     half = TorchLoopCoder(hf_config(loop_num=1, num_hidden_layers=2)).init_random_(4, std=0.1)
@@ -105,7 +105,8 @@ def doubled_dense(tmp_path_factory):
 @pytest.mark.parity
 def test_folded_loop_model_equals_doubled_dense_llama(doubled_dense, tmp_path):
     import torch
-    from reference.torch_loopcoder import llama_forward
+
+    from tests.reference.torch_loopcoder import llama_forward
 
     path, state, hf = doubled_dense
     ref = llama_forward(state, hf, torch.tensor(IDS)).numpy()
