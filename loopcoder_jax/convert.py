@@ -1,10 +1,18 @@
-"""Hugging Face (PyTorch safetensors) names <-> the stacked Flax parameter tree.
+"""Hugging Face (PyTorch safetensors) checkpoints <-> the stacked Flax parameter tree.
 
-One table, `_LAYER_ROWS` + `_GLOBAL_ROWS`: each row is (HF name, Flax path, transform).
-torch Linear weights are [out, in]; Flax kernels are [in, out] with head axes split out, so
-a row's transform says how to go from the HF tensor to the Flax leaf; `_inverse` undoes it.
-Per-layer tensors are stacked on the leading `layers` axis. Works on numpy arrays (bf16 via
-ml_dtypes), so no torch is needed.
+One table, `_LAYER_ROWS` + `_GATE_ROWS` + `_GLOBAL_ROWS` + `_LM_HEAD_ROW`: each row is (HF name,
+Flax path, transform). torch Linear weights are [out, in]; Flax kernels are [in, out] with head
+axes split out, so a row's transform says how to go from the HF tensor to the Flax leaf;
+`flax_to_hf_leaf` undoes it. Per-layer tensors are stacked on the leading `layers` axis.
+Everything works on numpy arrays (bf16 via ml_dtypes): torch is never imported, pickle never
+loaded.
+
+Public API (user guide: docs/conversion.md):
+  load_hf_checkpoint / save_hf_checkpoint      HF dir <-> (ModelConfig, params) in memory
+  hf_to_orbax / orbax_to_hf                    streaming file conversion (the CLI commands)
+  fold_dense_to_loop / fold_checkpoint         dense -> loop initialisation (`FOLD_STRATEGIES`)
+  hf_to_params / params_to_hf                  the name table applied to in-memory dicts
+  main                                         `python -m loopcoder_jax.convert` / loopcoder-convert
 """
 
 from __future__ import annotations
