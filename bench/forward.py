@@ -136,7 +136,8 @@ def main():
         "config": "hidden 256, 4 layers, 8/2 heads, head_dim 32, loop_num 2, W 64",
     }
     for seq in args.seq:
-        print(json.dumps({**common, **bench_throughput(BENCH_CONFIG, args.batch, seq, args.repeats)}))
+        result = bench_throughput(BENCH_CONFIG, args.batch, seq, args.repeats)
+        print(json.dumps({**common, **result}))
     print(json.dumps({**common, **bench_flop_count(BENCH_CONFIG)}))
 
 
