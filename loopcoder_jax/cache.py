@@ -50,13 +50,13 @@ CACHE_AXES = LoopCache(
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32) -> LoopCache:
     """An empty cache for `batch` rows of up to `max_length` tokens."""
-    l, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    layers, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     c, w = cfg.loop_num - 1, cfg.loop_window_size
     return LoopCache(
-        global_k=jnp.zeros((l, batch, max_length, k, h), dtype),
-        global_v=jnp.zeros((l, batch, max_length, k, h), dtype),
-        local_k=jnp.zeros((c, l, batch, w, k, h), dtype),
-        local_v=jnp.zeros((c, l, batch, w, k, h), dtype),
+        global_k=jnp.zeros((layers, batch, max_length, k, h), dtype),
+        global_v=jnp.zeros((layers, batch, max_length, k, h), dtype),
+        local_k=jnp.zeros((c, layers, batch, w, k, h), dtype),
+        local_v=jnp.zeros((c, layers, batch, w, k, h), dtype),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
 

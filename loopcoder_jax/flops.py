@@ -1,21 +1,16 @@
-"""Analytic FLOP counts of the LoopCoder forward pass and of a training step, and device peaks.
+"""Analytic FLOP counts of the LoopCoder forward pass (both loops), for MFU and sanity checks.
 
-What `forward_flops` counts (one multiply-add = 2 FLOPs, matmuls and attention only):
-  * per layer, per loop, per token: the q/k/v/o projections `2 * D * (2N + 2K) * H` and the
-    SwiGLU MLP `2 * 3 * D * F`; every loop runs the whole shared stack, so these are paid
-    `loop_num` times;
-  * the gate in loops >= 1: `2 * N * H` per token (q . W_g);
-  * attention scores and the weighted sum, `2 * 2 * N * H` per (query, key) pair:
-      - global (loop 0, and the global branch of every later loop): causal, T(T+1)/2 pairs
-        per sequence, or T^2 with `causal_dense=True` (what a dense masked kernel executes);
-      - local (loops >= 1): min(i + 1, W) keys for query i (`causal_dense=True`: W per
-        query, a lower bound on what the blockwise XLA kernel executes);
-  * the LM head: `2 * D * V` per token.
-Not counted: norms, RoPE, softmax, residual adds, the embedding lookup, the loss (all
-O(T * D) or O(T * V) elementwise work).
+Counted: every matmul as 2 * M * N * K (projections, MLP, gate, LM head) and the two attention
+matmuls (q.k and p.v) per key a query looks at. Not counted: elementwise work (norms, RoPE,
+softmax, SiLU), which is a few percent at most.
 
-`train_flops` = 3 x forward (backward = 2 x forward), the usual "model FLOPs" convention:
-rematerialised recomputation is NOT counted, so MFU does not reward remat.
+Keys per query:
+  * global branch and loop 0 (causal): `causal_dense=True` charges all T keys, which is what
+    the dense XLA path computes (masking does not save work); False charges (T + 1) / 2, what
+    a block-skipping kernel (splash) does.
+  * local branch of loops >= 1: W keys per query (the blockwise XLA path computes 2W; a
+    kernel that skips masked blocks approaches W).
+Training = 3 x forward (backward ~ 2 x forward), plus the remat recompute if any.
 """
 
 from __future__ import annotations
@@ -23,59 +18,47 @@ from __future__ import annotations
 from loopcoder_jax.config import ModelConfig
 
 
-def _attention_pairs(seq_len: int, window: int | None, causal_dense: bool) -> int:
-    """(query, key) pairs per sequence for causal attention, optionally windowed."""
-    t = seq_len
-    if window is None:
-        return t * t if causal_dense else t * (t + 1) // 2
-    if causal_dense:
-        return t * window
-    w = min(window, t)
-    # queries 0..w-1 see i+1 keys, the rest see w keys
-    return w * (w + 1) // 2 + (t - w) * w
-
-
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
-    """Weight-matmul FLOPs per token of one forward pass (all loops, the LM head)."""
-    d, f, n, k, h = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    )
-    per_layer = 2 * d * (2 * n + 2 * k) * h + 2 * 3 * d * f
-    stack = cfg.num_hidden_layers * per_layer * cfg.loop_num
-    gate = cfg.num_hidden_layers * 2 * n * h * (cfg.loop_num - 1)
-    return stack + gate + 2 * d * cfg.vocab_size
+    """Matmul FLOPs per token of ONE application of ONE layer (attention excluded)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f)
 
 
-def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, causal_dense: bool = False) -> int:
-    """FLOPs of one full-sequence forward pass over [batch, seq_len] (see module docstring)."""
-    tokens = batch * seq_len
-    per_pair = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
-    global_pairs = _attention_pairs(seq_len, None, causal_dense)
-    local_pairs = _attention_pairs(seq_len, cfg.loop_window_size, causal_dense)
-    # loop 0: global only; each later loop: global over loop-0 K/V + local window
-    pairs = global_pairs * cfg.loop_num + local_pairs * (cfg.loop_num - 1)
-    attn = cfg.num_hidden_layers * batch * pairs * per_pair
-    return tokens * matmul_flops_per_token(cfg) + attn
+def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, *, causal_dense: bool = True) -> int:
+    """FLOPs of one forward pass over [batch, seq_len] tokens, all loops, LM head included."""
+    t, n, h, w = seq_len, cfg.num_attention_heads, cfg.head_dim, cfg.loop_window_size
+    causal_keys = t if causal_dense else (t + 1) / 2
+    local_keys = min(w, t)
+    per_layer = 0.0
+    for loop_idx in range(cfg.loop_num):
+        per_layer += t * matmul_flops_per_token(cfg)
+        per_layer += 4 * t * causal_keys * n * h  # loop 0 / global branch
+        if loop_idx > 0:
+            per_layer += 4 * t * local_keys * n * h  # local branch
+            if cfg.gate_type == "query":
+                per_layer += 2 * t * n * h
+            elif cfg.gate_type == "hidden":
+                per_layer += 2 * t * cfg.hidden_size * n
+    head = 2 * t * cfg.hidden_size * cfg.vocab_size
+    return int(batch * (cfg.num_hidden_layers * per_layer + head))
 
 
-def train_flops(cfg: ModelConfig, batch: int, seq_len: int, causal_dense: bool = False) -> int:
-    """Model FLOPs of one training step (forward + backward = 3 x forward, no remat)."""
-    return 3 * forward_flops(cfg, batch, seq_len, causal_dense)
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, causal_dense: bool = True) -> int:
+    """FLOPs of one training step (forward + backward = 3 x forward), no remat recompute."""
+    return 3 * forward_flops(cfg, batch, seq_len, causal_dense=causal_dense)
 
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets). Keys are matched as substrings of
-# `jax.Device.device_kind`, most specific first.
+# Dense bf16 peak FLOP/s per chip (vendor datasheets), for MFU. Keys are matched as
+# substrings of `jax.Device.device_kind`, most specific first (v5e reports "TPU v5 lite",
+# v5p "TPU v5").
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v6 lite", 918e12),  # v6e (Trillium)
     ("TPU v6e", 918e12),
     ("TPU v5 lite", 197e12),  # v5e
     ("TPU v5e", 197e12),
     ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v5", 459e12),
     ("TPU v4", 275e12),
     ("H200", 989e12),
     ("H100", 989e12),  # SXM, dense bf16

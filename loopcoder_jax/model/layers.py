@@ -56,6 +56,31 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+class Einsum(nn.Module):
+    """Bias-free projection `einsum(equation, x, kernel)` with a logically named kernel.
+
+    Used instead of `nn.DenseGeneral`, whose initializer runs on a flattened 2-D shape: the
+    logical names of a [D, N, H] kernel would not match that shape under a mesh.
+    """
+
+    shape: tuple[int, ...]
+    equation: str
+    names: tuple[str, ...]
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.names),
+            self.shape,
+            self.param_dtype,
+        )
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up)). Param names follow HF `mlp.*_proj`."""
 
@@ -73,7 +98,9 @@ class MLP(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std), names),
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.init_std), names
+                ),
                 name=name,
             )
 
