@@ -42,6 +42,7 @@ from loopcoder_jax.cache import CACHE_AXES, LoopCache, cache_bytes
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
+_DEFAULT_RUNTIME = RuntimeConfig()  # float32 compute and params
 
 
 class GenerationError(ValueError):
@@ -64,7 +65,9 @@ class Sampling:
 
     def __post_init__(self):
         if not (isinstance(self.temperature, int | float) and self.temperature >= 0):
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}.")
+            raise GenerationError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}."
+            )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
         if self.top_p is not None and not 0.0 < float(self.top_p) <= 1.0:
@@ -173,7 +176,7 @@ class Engine:
     def __init__(
         self,
         cfg: ModelConfig,
-        runtime: RuntimeConfig = RuntimeConfig(),
+        runtime: RuntimeConfig = _DEFAULT_RUNTIME,
         mesh: Mesh | None = None,
         rules: sh.Rules = sh.FSDP_TP,
         *,
@@ -466,7 +469,9 @@ class Engine:
             raise GenerationError("eos_ids is empty; give at least one stop id.")
         bad = [e for e in eos if not 0 <= int(e) < self.cfg.vocab_size]
         if bad:
-            raise GenerationError(f"eos_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size}).")
+            raise GenerationError(
+                f"eos_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})."
+            )
         return jnp.asarray(eos, jnp.int32)
 
     def generate(
@@ -627,7 +632,7 @@ def generate(
     top_p: float | None = None,
     eos_ids: Sequence[int] | None = None,
     seed: int | Sequence[int] = 0,
-    runtime: RuntimeConfig = RuntimeConfig(),
+    runtime: RuntimeConfig = _DEFAULT_RUNTIME,
     mesh: Mesh | None = None,
     rules: sh.Rules = sh.FSDP_TP,
     stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
