@@ -94,7 +94,8 @@ def load_params(
     """Restores a params-only checkpoint.
 
     Args:
-      path: the checkpoint directory (contains config.json and params/).
+      path: a params checkpoint directory (config.json + params/), or a training run
+        directory (config.json + checkpoints/<step>/params/: the latest step is loaded).
       dtype: optional dtype to restore every leaf as (e.g. "bfloat16").
       shardings: optional pytree of `jax.sharding.Sharding` matching the params, to restore
         straight onto a mesh (any mesh: Orbax reshards). Default: the first local device.
@@ -103,7 +104,7 @@ def load_params(
     """
     path = os.path.abspath(os.fspath(path))
     cfg = load_config(path)
-    item = os.path.join(path, PARAMS_ITEM)
+    item = resolve_params_item(path)
     if not os.path.isdir(item):
         raise CheckpointNotFoundError(f"{path} has {CONFIG_FILE} but no {PARAMS_ITEM}/ directory.")
     target = abstract_params(cfg)
@@ -111,9 +112,150 @@ def load_params(
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, target)
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if dtype else x.dtype, sharding=s),
+        lambda x, s: jax.ShapeDtypeStruct(
+            x.shape, jnp.dtype(dtype) if dtype else x.dtype, sharding=s
+        ),
         target,
         shardings,
     )
     params = ocp.StandardCheckpointer().restore(item, target)
     return cfg, params
+
+
+# ---------------------------------------------------------------------------- training runs
+CHECKPOINTS_DIR = "checkpoints"
+OPT_STATE_ITEM = "opt_state"
+DATA_ITEM = "data"
+META_ITEM = "meta"
+
+
+def finished_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Committed checkpoint steps of a run, ascending.
+
+    Orbax writes each step under a temporary name and renames it to `<step>` only once every
+    item is written, so an integer-named directory is a complete checkpoint.
+    """
+    ckpt_dir = os.path.join(os.fspath(run_dir), CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def resolve_params_item(path: str) -> str:
+    """The Orbax params directory of a params checkpoint or of a run dir's latest step."""
+    direct = os.path.join(path, PARAMS_ITEM)
+    if os.path.isdir(direct):
+        return direct
+    steps = finished_steps(path)
+    if steps:
+        return os.path.join(path, CHECKPOINTS_DIR, str(steps[-1]), PARAMS_ITEM)
+    raise CheckpointNotFoundError(
+        f"{path} has {CONFIG_FILE} but neither a {PARAMS_ITEM}/ directory (params checkpoint) "
+        f"nor a finished {CHECKPOINTS_DIR}/<step>/ (training run). Was the run killed before "
+        "its first checkpoint?"
+    )
+
+
+class _FrozenState:
+    """A JSON-able data-iterator state, fixed at save time, shaped for grain's Orbax handler.
+
+    Saves finish asynchronously while training (and the iterator) moves on, so the handler
+    must not read the live iterator. grain's handler writes one file per process
+    (`process_<i>-of-<n>.json`).
+    """
+
+    def __init__(self, state):
+        self._bytes = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self._bytes
+
+
+class TrainCheckpointer:
+    """Orbax `CheckpointManager` for a training run: RUN/checkpoints/<step>/{params,
+    opt_state, data, meta}.
+
+    params and opt_state are sharded Orbax trees (restorable onto any mesh: pass the target
+    shardings); data holds each process's data-iterator state (grain's handler, one JSON file
+    per process); meta is JSON (step and whatever the caller adds). Saves are asynchronous
+    when `async_save`; the last `keep` steps are kept; a step directory appears under its
+    final name only once complete. Every process must call `save`/`restore` (collective).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(os.fspath(run_dir)), CHECKPOINTS_DIR)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a killed save are not checkpoints
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state, *, data_state=None, meta=None) -> None:
+        """Starts saving `state` (a TrainState) as `step`; returns before the write finishes.
+
+        data_state: this process's JSON-able data-iterator state (each process passes its own).
+        """
+        import grain
+
+        items = {
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
+            META_ITEM: ocp.args.JsonSave({"step": int(step), **(meta or {})}),
+        }
+        if data_state is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenState(data_state))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state):
+        """Restores `step` onto the shardings carried by `abstract_state`'s leaves.
+
+        abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with `.sharding` set (any
+        mesh, not necessarily the one the checkpoint was written from).
+        Returns (TrainState, meta dict).
+        """
+        items = {
+            PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
+            OPT_STATE_ITEM: ocp.args.StandardRestore(abstract_state.opt_state),
+            META_ITEM: ocp.args.JsonRestore(),
+        }
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        step_arr = jnp.asarray(step, jnp.int32)
+        if getattr(abstract_state.step, "sharding", None) is not None:
+            step_arr = jax.device_put(step_arr, abstract_state.step.sharding)
+        state = abstract_state.replace(
+            step=step_arr, params=out[PARAMS_ITEM], opt_state=out[OPT_STATE_ITEM]
+        )
+        return state, dict(out[META_ITEM])
+
+    def data_states(self, step: int) -> list:
+        """The data-iterator states every process saved at `step` (in process order)."""
+        directory = os.path.join(self.step_dir(step), DATA_ITEM)
+        if not os.path.isdir(directory):
+            raise CheckpointNotFoundError(
+                f"Checkpoint {self.step_dir(step)} has no data-iterator state, so the data "
+                "stream cannot resume exactly. Start a new run dir, or pass --init-from with "
+                "this run dir to start from its params."
+            )
+        files = [n for n in os.listdir(directory) if n.startswith("process_")]
+        files.sort(key=lambda n: int(n[len("process_") :].split("-of-")[0]))
+        out = []
+        for name in files:
+            with open(os.path.join(directory, name)) as f:
+                out.append(json.load(f))
+        return out
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
