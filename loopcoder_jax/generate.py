@@ -129,8 +129,8 @@ class Generation:
     tokens: per prompt, the new token ids (ending with the EOS id when one stopped the row).
     finish_reasons: per prompt, "stop" (an EOS id was generated) or "length".
     stats: cache_bytes, batch (after padding to the data axes), prompt_tokens, new_tokens,
-      prefill_s, decode_s, prefill_tok_s, decode_tok_s (decode timings include compilation
-      on the first call of a shape).
+      compile_s (ahead-of-time compilation of a new shape; 0 once compiled), prefill_s and
+      decode_s (execution only), prefill_tok_s, decode_tok_s.
     """
 
     tokens: list[list[int]]
@@ -212,6 +212,7 @@ class Engine:
             names = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
             self.data_parallel = math.prod(self.mesh.shape[a] for a in names)
 
+        self._compiled = {}  # shape/static key -> AOT-compiled executable
         self._stream_lock = threading.Lock()
         self._stream_fn: Callable | None = None
         self._prefill = jax.jit(
@@ -505,34 +506,11 @@ class Engine:
         nbytes = cache_bytes(self.cfg, ids.shape[0], s, jnp.dtype(self.runtime.dtype))
         log.info("KV cache: %d bytes (batch %d x %d positions)", nbytes, ids.shape[0], s)
 
-        t0 = time.perf_counter()
-        with self._mesh_context():
-            logits, cache = self._prefill(params, ids, lengths, s)
-            jax.block_until_ready(logits)
-            t1 = time.perf_counter()
-            with self._stream_lock:
-                self._stream_fn = stream
-            try:
-                tokens, num_tokens, _ = self._decode(
-                    params,
-                    logits,
-                    cache,
-                    jax.device_put(keys, self._row),
-                    jax.device_put(active, self._row),
-                    eos,
-                    None,
-                    jnp.int32(max_new_tokens),
-                    buffer=n_buf,
-                    sampling=sampling,
-                    stream=stream is not None,
-                    collect_logits=False,
-                )
-                tokens, num_tokens = jax.device_get((tokens, num_tokens))
-            finally:
-                jax.effects_barrier()  # every streamed step has been delivered
-                with self._stream_lock:
-                    self._stream_fn = None
-        t2 = time.perf_counter()
+        (tokens, num_tokens, _), times = self._run(
+            params, ids, lengths, s, keys, active, eos, None, max_new_tokens, n_buf,
+            sampling=sampling, stream=stream,
+        )  # fmt: skip
+        tokens, num_tokens = jax.device_get((tokens, num_tokens))
 
         eos_set = {int(e) for e in np.asarray(eos)}
         out, reasons = [], []
@@ -547,10 +525,9 @@ class Engine:
             cache_length=s,
             prompt_tokens=int(lengths[:b_real].sum()),
             new_tokens=new,
-            prefill_s=t1 - t0,
-            decode_s=t2 - t1,
-            prefill_tok_s=float(lengths[:b_real].sum()) / max(t1 - t0, 1e-9),
-            decode_tok_s=new / max(t2 - t1, 1e-9),
+            **times,
+            prefill_tok_s=float(lengths[:b_real].sum()) / max(times["prefill_s"], 1e-9),
+            decode_tok_s=new / max(times["decode_s"], 1e-9),
         )
         return Generation(out, reasons, stats)
 
@@ -570,24 +547,60 @@ class Engine:
         keys = self._row_keys(0, ids.shape[0], len(continuations))
         # A single id no continuation contains, so forced rows never stop early.
         eos = jnp.asarray([-1], jnp.int32)
-        with self._mesh_context():
-            logits, cache = self._prefill(params, ids, lengths, s)
-            _, _, out = self._decode(
-                params,
-                logits,
-                cache,
-                jax.device_put(keys, self._row),
-                jax.device_put(active, self._row),
-                eos,
-                jax.device_put(forced, self._rows2),
-                jnp.int32(n),
-                buffer=n_buf,
-                sampling=Sampling(),
-                stream=False,
-                collect_logits=True,
-            )
-            out = np.asarray(jax.device_get(out))
+        forced = jax.device_put(forced, self._rows2)
+        (_, _, out), _ = self._run(
+            params, ids, lengths, s, keys, active, eos, forced, n, n_buf,
+            sampling=Sampling(), collect_logits=True,
+        )  # fmt: skip
+        out = np.asarray(jax.device_get(out))
         return [out[i, : len(c)] for i, c in enumerate(continuations)]
+
+    def _run(
+        self, params, ids, lengths, s, keys, active, eos, forced, num_steps, n_buf, *,
+        sampling, stream=None, collect_logits=False,
+    ):  # fmt: skip
+        """Prefill then the decode loop, each compiled ahead of time once per shape.
+
+        Returns the decode loop's outputs and the timings compile_s (0 when both programs were
+        already compiled), prefill_s and decode_s (execution only).
+        """
+        times = dict(compile_s=0.0)
+        keys = jax.device_put(keys, self._row)
+        active = jax.device_put(active, self._row)
+        num_steps = jnp.int32(num_steps)
+        static = dict(
+            buffer=n_buf, sampling=sampling, stream=stream is not None,
+            collect_logits=collect_logits,
+        )  # fmt: skip
+        with self._mesh_context():
+            key = ("prefill", ids.shape, s)
+            if key not in self._compiled:
+                t = time.perf_counter()
+                self._compiled[key] = self._prefill.lower(params, ids, lengths, s).compile()
+                times["compile_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            logits, cache = self._compiled[key](params, ids, lengths)
+            jax.block_until_ready(logits)
+            times["prefill_s"] = time.perf_counter() - t
+
+            args = (params, logits, cache, keys, active, eos, forced, num_steps)
+            key = ("decode", ids.shape, s, eos.shape, tuple(sorted(static.items())))
+            if key not in self._compiled:
+                t = time.perf_counter()
+                self._compiled[key] = self._decode.lower(*args, **static).compile()
+                times["compile_s"] += time.perf_counter() - t
+            with self._stream_lock:
+                self._stream_fn = stream
+            try:
+                t = time.perf_counter()
+                out = self._compiled[key](*args)
+                jax.block_until_ready(out)
+                times["decode_s"] = time.perf_counter() - t
+            finally:
+                jax.effects_barrier()  # every streamed step has been delivered
+                with self._stream_lock:
+                    self._stream_fn = None
+        return out, times
 
     def _mesh_context(self):
         # The explicit in/out shardings (params by the rules, cache by CACHE_AXES, batch over
