@@ -85,12 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_mesh(spec: str):
-    """'data=2,tensor=4' -> a Mesh over the first prod(sizes) devices (missing axes = 1)."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
+    """'data=2,tensor=4' -> `sharding.make_mesh(MeshConfig(...))` over all devices (fsdp fills
+    the rest unless given); '' -> None (one device)."""
     from loopcoder_jax import sharding as sh
+    from loopcoder_jax.config import ConfigError, MeshConfig
 
     if not spec:
         return None
@@ -104,18 +102,12 @@ def make_mesh(spec: str):
                 f"{list(sh.MESH_AXES)}, e.g. data=2,tensor=4."
             )
         sizes[name] = int(value)
-    devices = jax.devices()
-    fill = [a for a, n in sizes.items() if n == -1]
-    known = int(np.prod([n for n in sizes.values() if n != -1]))
-    if len(fill) > 1 or known < 1 or (fill and len(devices) % known):
-        raise InferError(f"--mesh {spec!r}: at most one -1 axis, and it must divide the devices.")
-    if fill:
-        sizes[fill[0]] = len(devices) // known
-    total = int(np.prod(list(sizes.values())))
-    if total > len(devices):
-        raise InferError(f"--mesh {spec!r} needs {total} devices; only {len(devices)} exist.")
-    shape = [sizes.get(a, 1) for a in sh.MESH_AXES]
-    return Mesh(np.array(devices[:total]).reshape(shape), sh.MESH_AXES)
+    if -1 not in sizes.values():
+        sizes.setdefault("fsdp", -1)
+    try:
+        return sh.make_mesh(MeshConfig(**sizes))
+    except (ConfigError, sh.MeshError) as e:
+        raise InferError(f"--mesh {spec!r}: {e}") from None
 
 
 def choose_sampling(args):
@@ -189,9 +181,7 @@ def load_model(args, engine_for):
         raise InferError(str(e)) from None
     engine = engine_for(cfg)
     try:
-        _, params = checkpoint.load_params(
-            path, dtype=args.dtype, shardings=engine.param_shardings
-        )
+        _, params = checkpoint.load_params(path, dtype=args.dtype, shardings=engine.param_shardings)
     except checkpoint.CheckpointNotFoundError as e:
         raise InferError(str(e)) from None
     except (ValueError, KeyError, TypeError) as e:
@@ -269,17 +259,15 @@ def completion_text(tok, tokens, stop_ids) -> str:
 
 
 def run(args) -> int:
-    import jax.numpy as jnp  # noqa: F401  (imports jax before the first device query)
-
     from loopcoder_jax.config import RuntimeConfig
-    from loopcoder_jax.generate import Engine, GenerationError
+    from loopcoder_jax.generate import GenerationError, get_engine
 
     mesh = make_mesh(args.mesh)
     runtime = RuntimeConfig(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else None
 
     def engine_for(cfg):
         try:
-            return Engine(cfg, runtime or RuntimeConfig(), mesh)
+            return get_engine(cfg, runtime or RuntimeConfig(), mesh)
         except GenerationError as e:
             raise InferError(str(e)) from None
 
@@ -309,25 +297,27 @@ def run(args) -> int:
     prompts = [tok.encode(t) for t in texts]
 
     print(
-        f"model: {cfg.num_hidden_layers} layers x loop_num {cfg.loop_num} (W={cfg.loop_window_size})"
-        f", {cfg.num_params():,} params; mesh {dict(engine.mesh.shape)}; sampling {sampling}",
+        f"model: {cfg.num_hidden_layers} layers x loop_num {cfg.loop_num} "
+        f"(W={cfg.loop_window_size}), {cfg.num_params():,} params; "
+        f"mesh {dict(engine.mesh.shape)}; {sampling}",
         file=sys.stderr,
     )
     single = len(rows) == 1 and not args.prompts_file
     streamer = _Streamer(tok, stop_ids) if single and not args.no_stream else None
+    if streamer is not None and not args.chat:
+        sys.stdout.write(texts[0])  # a code prefix: show what the model continues
+        sys.stdout.flush()
     totals = dict(prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_s=0.0, compile_s=0.0)
     results = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         try:
             if start == 0:
-                s = engine._prepare(batch, args.max_new_tokens)
-                from loopcoder_jax.cache import cache_bytes
-
-                nbytes = cache_bytes(cfg, s[0].shape[0], s[3], jnp.dtype(engine.runtime.dtype))
+                plan = engine.plan(batch, args.max_new_tokens)
                 print(
-                    f"KV cache: {nbytes:,} bytes (batch {s[0].shape[0]} x {s[3]} positions; "
-                    f"dense model + {cfg.loop_num - 1} x W={cfg.loop_window_size} per layer)",
+                    f"KV cache: {plan['cache_bytes']:,} bytes (batch {plan['batch']} x "
+                    f"{plan['cache_length']} positions: the dense model's + {cfg.loop_num - 1}"
+                    f" x W={cfg.loop_window_size} per layer)",
                     file=sys.stderr,
                 )
             out = engine.generate(

@@ -14,7 +14,7 @@ code runs on one device (a 1x1x1 mesh) and on any mesh whose axes divide the mod
 
 Public API:
   generate(cfg, params, prompt_ids, max_new_tokens, *, temperature, top_k, top_p, eos_ids, seed)
-  Engine              -- the compiled engine (reuse it across calls; `generate` caches one)
+  Engine, get_engine  -- the compiled engine (reuse it across calls; `get_engine` caches one)
   Sampling, INSTRUCT_SAMPLING, sample_tokens, top_k_filter, top_p_filter  -- the samplers
 
 Shape legend as in model/loopcoder.py; in addition N is the number of new tokens.
@@ -22,7 +22,6 @@ Shape legend as in model/loopcoder.py; in addition N is the number of new tokens
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -389,6 +388,15 @@ class Engine:
         return tokens, num_tokens, out_logits
 
     # -------------------------------------------------------------- host side
+    def plan(self, prompt_ids, max_new_tokens: int) -> dict:
+        """What a `generate` call would allocate: batch (padded), cache_length, cache_bytes.
+
+        Validates the prompts exactly like `generate` (same errors).
+        """
+        ids, _, _, s, _ = self._prepare(prompt_ids, max_new_tokens)
+        nbytes = cache_bytes(self.cfg, ids.shape[0], s, jnp.dtype(self.runtime.dtype))
+        return dict(batch=int(ids.shape[0]), cache_length=s, cache_bytes=nbytes)
+
     def _prepare(self, prompt_ids, max_new_tokens: int):
         """Validates prompts; returns (ids [B', T], lengths [B'], active [B'], S, N buffer)."""
         cfg = self.cfg
@@ -603,12 +611,9 @@ class Engine:
         return out, times
 
     def _mesh_context(self):
-        # The explicit in/out shardings (params by the rules, cache by CACHE_AXES, batch over
-        # the data axes) drive the partitioning. The model's activation constraints need a
-        # global mesh, which flax's DenseGeneral cannot trace under yet (it constrains its
-        # flat kernel with the rank-3 names); until the model's projections create their
-        # kernels in full shape, they stay no-ops here.
-        return contextlib.nullcontext()
+        # Tracing under the mesh turns the model's logical activation constraints into real
+        # sharding constraints (batch over the data axes, heads over `tensor`).
+        return jax.set_mesh(self.mesh)
 
     def _placed(self, params):
         leaves = jax.tree.leaves(params)
@@ -632,6 +637,16 @@ def _decode_step(module, ids, cache):
 @functools.lru_cache(maxsize=8)
 def _cached_engine(cfg, runtime, mesh, rules) -> Engine:
     return Engine(cfg, runtime, mesh, rules)
+
+
+def get_engine(
+    cfg: ModelConfig,
+    runtime: RuntimeConfig = _DEFAULT_RUNTIME,
+    mesh: Mesh | None = None,
+    rules: sh.Rules = sh.FSDP_TP,
+) -> Engine:
+    """The shared `Engine` for these settings (built once; its compiled programs are reused)."""
+    return _cached_engine(cfg, runtime, mesh, tuple(rules))
 
 
 def generate(
@@ -664,7 +679,7 @@ def generate(
       stream: optional per-step callback (see `Engine.generate`).
     The engine for (cfg, runtime, mesh, rules) is compiled once and reused across calls.
     """
-    engine = _cached_engine(cfg, runtime, mesh, tuple(rules))
+    engine = get_engine(cfg, runtime, mesh, rules)
     sampling = Sampling(temperature, top_k, top_p)
     result = engine.generate(
         params, prompt_ids, max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
