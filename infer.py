@@ -233,8 +233,8 @@ class _Streamer:
     """Prints the text of row 0 as tokens arrive (decoding the whole prefix each time keeps
     SentencePiece's word-boundary spaces right)."""
 
-    def __init__(self, tok, stop_ids, out=sys.stdout):
-        self.tok, self.stop, self.out = tok, set(stop_ids), out
+    def __init__(self, tok, stop_ids, out=None):
+        self.tok, self.stop, self.out = tok, set(stop_ids), out or sys.stdout
         self.ids, self.printed, self.done = [], "", False
 
     def __call__(self, step, tokens, active):
