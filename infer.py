@@ -263,11 +263,13 @@ def run(args) -> int:
     from loopcoder_jax.generate import GenerationError, get_engine
 
     mesh = make_mesh(args.mesh)
-    runtime = RuntimeConfig(dtype=args.dtype, param_dtype=args.dtype) if args.dtype else None
 
     def engine_for(cfg):
+        # float32 checkpoints compute in float32, bf16 ones in bf16, unless --dtype says.
+        stored = cfg.torch_dtype if cfg.torch_dtype in ("float32", "bfloat16") else "float32"
+        dtype = args.dtype or stored
         try:
-            return get_engine(cfg, runtime or RuntimeConfig(), mesh)
+            return get_engine(cfg, RuntimeConfig(dtype=dtype, param_dtype=dtype), mesh)
         except GenerationError as e:
             raise InferError(str(e)) from None
 

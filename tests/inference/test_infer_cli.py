@@ -189,3 +189,21 @@ def test_train_then_infer_with_no_arguments(tmp_path):
     assert out.stdout.startswith("def fibonacci(n):")
     assert "[finish_reason: " in out.stderr
     assert int(re.search(r"decode: (\d+) tokens", out.stderr).group(1)) >= 1
+
+
+def test_hf_checkpoint_is_converted_on_the_fly(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from reference.torch_loopcoder import TorchLoopCoder, save_hf_checkpoint_torch
+
+    from loopcoder_jax.convert import hf_to_params
+
+    torch.set_num_threads(1)
+    cfg = preset("tiny")
+    ref = TorchLoopCoder(cfg.to_hf()).init_random_(seed=9, std=0.05).eval()
+    save_hf_checkpoint_torch(ref, cfg.to_hf(), tmp_path / "hf")
+    params = hf_to_params(cfg, {k: v.numpy() for k, v in ref.state_dict().items()})
+    prompt = "def add(a, b):"
+    argv = ["--hf", str(tmp_path / "hf"), "--tokenizer", shipped_model_path(), "--prompt", prompt]
+    assert infer.main([*argv, "--max-new-tokens", str(NEW), "--no-stream"]) == 0
+    want, _ = _greedy_text(cfg, params, prompt)
+    assert capsys.readouterr().out.rstrip("\n") == prompt + want

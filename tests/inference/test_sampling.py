@@ -75,9 +75,11 @@ def test_sampled_frequencies_match_the_filtered_distribution(sampling, expected)
 def test_per_row_keys_make_rows_independent_of_batch_neighbours():
     keys = jax.random.split(jax.random.key(7), 4)
     logits = jax.random.normal(jax.random.key(1), (4, 50))
-    s = INSTRUCT_SAMPLING
-    batched = sample_tokens(keys, logits, s)
-    single = [int(sample_tokens(keys[i : i + 1], logits[i : i + 1], s)[0]) for i in range(4)]
+    sample = jax.jit(sample_tokens, static_argnums=2)
+    batched = sample(keys, logits, INSTRUCT_SAMPLING)
+    single = [
+        int(sample(keys[i : i + 1], logits[i : i + 1], INSTRUCT_SAMPLING)[0]) for i in range(4)
+    ]
     assert batched.tolist() == single
 
 
