@@ -306,9 +306,6 @@ def run(args) -> int:
     )
     single = len(rows) == 1 and not args.prompts_file
     streamer = _Streamer(tok, stop_ids) if single and not args.no_stream else None
-    if streamer is not None and not args.chat:
-        sys.stdout.write(texts[0])  # a code prefix: show what the model continues
-        sys.stdout.flush()
     totals = dict(prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_s=0.0, compile_s=0.0)
     results = []
     for start in range(0, len(prompts), args.batch_size):
@@ -322,6 +319,9 @@ def run(args) -> int:
                     f" x W={cfg.loop_window_size} per layer)",
                     file=sys.stderr,
                 )
+                if streamer is not None and not args.chat:
+                    sys.stdout.write(texts[0])  # a code prefix: show what the model continues
+                    sys.stdout.flush()
             out = engine.generate(
                 params, batch, args.max_new_tokens, sampling=sampling, eos_ids=stop_ids,
                 seed=[args.seed + start + i for i in range(len(batch))], stream=streamer,
