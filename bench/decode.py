@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--torch-threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
 
