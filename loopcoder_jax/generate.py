@@ -168,8 +168,9 @@ def single_device_mesh() -> Mesh:
 class Engine:
     """Compiled prefill + on-device decode loop for one (config, runtime, mesh, rules).
 
-    Reuse one engine across calls: programs are compiled per (batch, prompt bucket, cache
-    length, max_new_tokens, sampling) and cached by `jax.jit`.
+    Reuse one engine across calls (`get_engine` keeps one per settings): its two programs are
+    compiled ahead of time once per (batch bucket, prompt bucket, new-token bucket, sampling,
+    streaming) and kept.
     """
 
     def __init__(
@@ -203,8 +204,6 @@ class Engine:
         batch_axes = nn.logical_to_mesh_axes((sh.BATCH,), self.rules)[0]
         self._row = NamedSharding(self.mesh, PartitionSpec(batch_axes))  # [B]
         self._rows2 = NamedSharding(self.mesh, PartitionSpec(batch_axes, None))  # [B, X]
-        self._rows3 = NamedSharding(self.mesh, PartitionSpec(batch_axes, None, None))
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         if batch_axes is None:
             self.data_parallel = 1
         else:
@@ -410,14 +409,13 @@ class Engine:
             prompts = [list(map(int, row)) for row in arr]
         else:
             prompts = []
-            for i, p in enumerate(prompt_ids):
+            for p in prompt_ids:
                 if isinstance(p, int | np.integer):
                     raise GenerationError(
                         "prompt_ids must be a list of prompts (lists of ids); wrap a single "
                         "prompt as [ids]."
                     )
                 prompts.append([int(t) for t in p])
-                del i
         if not prompts:
             raise GenerationError("No prompts given.")
         if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
