@@ -22,17 +22,17 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from reference.torch_loopcoder import TorchLoopCoder  # noqa: E402
 
 from loopcoder_jax.cache import cache_bytes  # noqa: E402
 from loopcoder_jax.config import preset  # noqa: E402
 from loopcoder_jax.convert import hf_to_params  # noqa: E402
 from loopcoder_jax.generate import Engine  # noqa: E402
+from tests.reference.torch_loopcoder import TorchLoopCoder  # noqa: E402
 
 
 def git_sha() -> str:

@@ -193,9 +193,8 @@ def test_train_then_infer_with_no_arguments(tmp_path):
 
 def test_hf_checkpoint_is_converted_on_the_fly(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    from reference.torch_loopcoder import TorchLoopCoder, save_hf_checkpoint_torch
-
     from loopcoder_jax.convert import hf_to_params
+    from tests.reference.torch_loopcoder import TorchLoopCoder, save_hf_checkpoint_torch
 
     torch.set_num_threads(1)
     cfg = preset("tiny")

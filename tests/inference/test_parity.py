@@ -6,10 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from reference.torch_loopcoder import TorchLoopCoder  # noqa: E402
-
 from loopcoder_jax.convert import hf_to_params  # noqa: E402
 from loopcoder_jax.generate import generate  # noqa: E402
+from tests.reference.torch_loopcoder import TorchLoopCoder  # noqa: E402
 
 from .helpers import W, random_prompts, tiny_cfg  # noqa: E402
 
