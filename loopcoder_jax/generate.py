@@ -213,6 +213,7 @@ class Engine:
         self._compiled = {}  # shape/static key -> AOT-compiled executable
         self._stream_lock = threading.Lock()
         self._stream_fn: Callable | None = None
+        self._stream_next, self._stream_pending = 0, {}
         self._prefill = jax.jit(
             self._prefill_impl,
             static_argnums=(3,),
@@ -302,10 +303,16 @@ class Engine:
         return logits, cache
 
     def _emit(self, step, tokens, active):
+        # Unordered callbacks (ordered ones are not allowed on a multi-device mesh) may in
+        # principle arrive out of order: hold early steps back and deliver in step order.
         with self._stream_lock:
-            fn = self._stream_fn
-        if fn is not None:
-            fn(int(step), np.asarray(tokens), np.asarray(active))
+            if self._stream_fn is None:
+                return
+            self._stream_pending[int(step)] = (np.asarray(tokens), np.asarray(active))
+            while self._stream_next in self._stream_pending:
+                toks, act = self._stream_pending.pop(self._stream_next)
+                self._stream_fn(self._stream_next, toks, act)
+                self._stream_next += 1
 
     def _decode_impl(
         self,
@@ -596,7 +603,7 @@ class Engine:
                 self._compiled[key] = self._decode.lower(*args, **static).compile()
                 times["compile_s"] += time.perf_counter() - t
             with self._stream_lock:
-                self._stream_fn = stream
+                self._stream_fn, self._stream_next, self._stream_pending = stream, 0, {}
             try:
                 t = time.perf_counter()
                 out = self._compiled[key](*args)
