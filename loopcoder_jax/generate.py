@@ -202,6 +202,7 @@ class Engine:
             self.rules,
         )
         batch_axes = nn.logical_to_mesh_axes((sh.BATCH,), self.rules)[0]
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._row = NamedSharding(self.mesh, PartitionSpec(batch_axes))  # [B]
         self._rows2 = NamedSharding(self.mesh, PartitionSpec(batch_axes, None))  # [B, X]
         if batch_axes is None:
@@ -223,6 +224,8 @@ class Engine:
         self._decode = jax.jit(
             self._decode_impl,
             static_argnames=("buffer", "sampling", "stream", "collect_logits"),
+            # Outputs are small ([B, N] ids); replicated, every process can read them.
+            out_shardings=self._replicated,
         )
 
     # -------------------------------------------------------------- checks
@@ -289,7 +292,7 @@ class Engine:
     def shard_params(self, params):
         """Checks `params` against the config and places them on the mesh by the rules."""
         self.check_params(params)
-        return jax.device_put(params, self.param_shardings)
+        return jax.tree.map(_to_global, params, self.param_shardings)
 
     # -------------------------------------------------------------- traced programs
     def _apply(self, params, *args, method):
@@ -335,7 +338,8 @@ class Engine:
         Args:
           logits: [B, V] prefill logits (predicting the first new token).
           cache: the prefill cache (donated).
-          row_keys: [B] PRNG keys, one per row (step s uses fold_in(row_key, s)).
+          row_keys: [B, 2] uint32 PRNG key data, one key per row (step s uses
+            fold_in(row_key, s)).
           active: [B] bool; False rows (batch padding) are done from the start.
           eos_ids: [E] int32 stop ids.
           forced: None, or [B, N] teacher-forced tokens used instead of sampled ones.
@@ -347,6 +351,7 @@ class Engine:
            logits [B, N, V] float32 if collect_logits else None).
         """
         b = logits.shape[0]
+        row_keys = jax.random.wrap_key_data(row_keys)
         fill = eos_ids[0]  # what finished rows feed back; never reported
 
         def choose(step, logits, done):
@@ -470,12 +475,14 @@ class Engine:
     def _row_keys(self, seed, batch: int, b_real: int):
         if isinstance(seed, int | np.integer):
             base = jax.random.key(int(seed))
-            return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+            return np.asarray(jax.random.key_data(keys))
         seeds = [int(s) for s in seed]
         if len(seeds) != b_real:
             raise GenerationError(f"Got {len(seeds)} seeds for {b_real} prompts; give one each.")
         seeds += [0] * (batch - b_real)
-        return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        return np.asarray(jax.random.key_data(keys))  # [B, 2] uint32: plain data crosses hosts
 
     def _eos_array(self, eos_ids):
         eos = tuple(self.cfg.eos_token_id) if eos_ids is None else tuple(eos_ids)
@@ -486,7 +493,7 @@ class Engine:
             raise GenerationError(
                 f"eos_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})."
             )
-        return jnp.asarray(eos, jnp.int32)
+        return np.asarray(eos, np.int32)
 
     def generate(
         self,
@@ -559,8 +566,7 @@ class Engine:
         params = self._placed(params)
         keys = self._row_keys(0, ids.shape[0], len(continuations))
         # A single id no continuation contains, so forced rows never stop early.
-        eos = jnp.asarray([-1], jnp.int32)
-        forced = jax.device_put(forced, self._rows2)
+        eos = np.asarray([-1], np.int32)
         (_, _, out), _ = self._run(
             params, ids, lengths, s, keys, active, eos, forced, n, n_buf,
             sampling=Sampling(), collect_logits=True,
@@ -578,9 +584,12 @@ class Engine:
         already compiled), prefill_s and decode_s (execution only).
         """
         times = dict(compile_s=0.0)
-        keys = jax.device_put(keys, self._row)
-        active = jax.device_put(active, self._row)
-        num_steps = jnp.int32(num_steps)
+        ids, lengths = _to_global(ids, self._rows2), _to_global(lengths, self._row)
+        keys, active = _to_global(keys, self._rows2), _to_global(active, self._row)
+        eos = _to_global(eos, self._replicated)
+        num_steps = _to_global(np.int32(num_steps), self._replicated)
+        if forced is not None:
+            forced = _to_global(forced, self._rows2)
         static = dict(
             buffer=n_buf, sampling=sampling, stream=stream is not None,
             collect_logits=collect_logits,
@@ -629,6 +638,20 @@ class Engine:
         ):
             return params
         return self.shard_params(params)
+
+
+def _to_global(x, sharding):
+    """Places host data (the same value on every process) as one global array on `sharding`.
+
+    Works with one process and with several (`jax.distributed`), where each process
+    contributes the slices its own devices hold.
+    """
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def _prefill(module, ids, lengths, *, max_length):
