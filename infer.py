@@ -24,6 +24,7 @@ atomically (temp file + rename) after every prompt has been generated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -70,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt")
+    dist = p.add_argument_group("multi-process (a multi-host TPU slice, or CPU processes)")
+    dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0")
+    dist.add_argument("--num-processes", type=int)
+    dist.add_argument("--process-id", type=int)
     args = p.parse_args(argv)
     if args.output and not args.prompts_file:
         p.error("--output needs --prompts-file")
@@ -258,6 +264,22 @@ def completion_text(tok, tokens, stop_ids) -> str:
     return tok.decode(tokens)
 
 
+def init_distributed(args) -> None:
+    """Every process runs the same command; only process 0 prints and writes the output."""
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pod slice: discovered from the environment
+
+
 def run(args) -> int:
     from loopcoder_jax.config import RuntimeConfig
     from loopcoder_jax.generate import GenerationError, get_engine
@@ -273,6 +295,9 @@ def run(args) -> int:
         except GenerationError as e:
             raise InferError(str(e)) from None
 
+    import jax
+
+    primary = jax.process_index() == 0
     cfg, params, engine, default_dir = load_model(args, engine_for)
     tok = load_tok(args, args.tokenizer or default_dir, cfg)
     sampling = choose_sampling(args)
@@ -352,7 +377,8 @@ def run(args) -> int:
                     "num_tokens": len(tokens),
                 }
             )
-        write_jsonl_atomic(args.output, out_rows)
+        if primary:
+            write_jsonl_atomic(args.output, out_rows)
         print(f"wrote {len(out_rows)} completions to {args.output}", file=sys.stderr)
 
     prefill = totals["prompt_tokens"] / max(totals["prefill_s"], 1e-9)
@@ -368,6 +394,14 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.distributed or args.coordinator or args.num_processes:
+            init_distributed(args)
+            import jax
+
+            if jax.process_index() != 0:  # the others compute in lockstep, silently
+                with open(os.devnull, "w") as null:
+                    with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                        return run(args)
         return run(args)
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)
