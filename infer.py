@@ -1,0 +1,412 @@
+"""Generate text with a LoopCoder checkpoint (thin CLI over `loopcoder_jax.generate`).
+
+    python infer.py                                   # runs/tiny (from `python train.py`), greedy
+    python infer.py --checkpoint DIR --prompt "def quicksort(arr):" --max-new-tokens 128
+    python infer.py --hf /path/IQuest-Coder-V1-40B-Loop-Instruct --chat --prompt "Write ..."
+    python infer.py --checkpoint DIR --prompts-file in.jsonl --output out.jsonl --batch-size 16
+    python infer.py ... --mesh data=2,fsdp=1,tensor=4  # shard over 8 devices
+
+`--checkpoint` takes a params checkpoint (converter output, `checkpoint.save_params`) or a
+training run dir (its latest step). `--hf` converts a Hugging Face safetensors directory on the
+fly. The tokenizer defaults to `tokenizer.model` inside the checkpoint / HF directory.
+
+Sampling: greedy by default; with `--chat` the model card's instruct defaults (temperature 0.6,
+top_p 0.85, top_k 20). Any of --temperature/--top-k/--top-p overrides them; --greedy forces
+argmax. Generation stops at any of the config's `eos_token_id`s or the tokenizer's stop ids
+(`</s>`, `<|im_end|>`, `<|endoftext|>`), per prompt.
+
+--prompts-file: JSONL, one object per line with "prompt" (text) or "messages" (a chat, always
+formatted with the chat template). Every other key is copied to the output line, which adds
+"completion", "finish_reason" ("stop" | "length") and "num_tokens". The output is written
+atomically (temp file + rename) after every prompt has been generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import uuid
+
+DEFAULT_RUN = os.path.join("runs", "tiny")
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+class InferError(RuntimeError):
+    """A user-facing error: printed without a traceback."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Generate with a LoopCoder checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--checkpoint",
+        help=f"params checkpoint or training run dir (default: {DEFAULT_RUN})",
+    )
+    src.add_argument("--hf", help="Hugging Face checkpoint dir (safetensors), converted on the fly")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: in the checkpoint)")
+    inp = p.add_mutually_exclusive_group()
+    inp.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    inp.add_argument("--prompts-file", help="JSONL with {'prompt': ...} or {'messages': [...]}")
+    p.add_argument("--output", help="JSONL to write completions to (with --prompts-file)")
+    p.add_argument("--chat", action="store_true", help="apply the instruct chat template")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (prompts-file)")
+    p.add_argument(
+        "--mesh",
+        default="",
+        help="mesh axis sizes, e.g. data=2,fsdp=1,tensor=4 (-1 = the rest; default: 1 device)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
+    p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt")
+    dist = p.add_argument_group("multi-process (a multi-host TPU slice, or CPU processes)")
+    dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0")
+    dist.add_argument("--num-processes", type=int)
+    dist.add_argument("--process-id", type=int)
+    args = p.parse_args(argv)
+    if args.output and not args.prompts_file:
+        p.error("--output needs --prompts-file")
+    if args.prompts_file and not args.output:
+        p.error("--prompts-file needs --output")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.greedy and any(x is not None for x in (args.temperature, args.top_k, args.top_p)):
+        p.error("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    return args
+
+
+def make_mesh(spec: str):
+    """'data=2,tensor=4' -> `sharding.make_mesh(MeshConfig(...))` over all devices (fsdp fills
+    the rest unless given); '' -> None (one device)."""
+    from loopcoder_jax import sharding as sh
+    from loopcoder_jax.config import ConfigError, MeshConfig
+
+    if not spec:
+        return None
+    sizes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sh.MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise InferError(
+                f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                f"{list(sh.MESH_AXES)}, e.g. data=2,tensor=4."
+            )
+        sizes[name] = int(value)
+    if -1 not in sizes.values():
+        sizes.setdefault("fsdp", -1)
+    try:
+        return sh.make_mesh(MeshConfig(**sizes))
+    except (ConfigError, sh.MeshError) as e:
+        raise InferError(f"--mesh {spec!r}: {e}") from None
+
+
+def choose_sampling(args):
+    from loopcoder_jax.generate import INSTRUCT_SAMPLING, Sampling
+
+    if args.greedy:
+        return Sampling()
+    base = INSTRUCT_SAMPLING if args.chat else Sampling()
+    if all(x is None for x in (args.temperature, args.top_k, args.top_p)):
+        return base
+    temperature = args.temperature
+    if temperature is None:
+        temperature = base.temperature if not base.greedy else 1.0
+    return Sampling(temperature, args.top_k, args.top_p)
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Validates every line before anything runs, so a bad line costs no generation."""
+    if not os.path.isfile(path):
+        raise InferError(f"--prompts-file {path} does not exist.")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InferError(f"{path}:{n} is not valid JSON ({e}).") from None
+            ok_prompt = isinstance(row, dict) and isinstance(row.get("prompt"), str)
+            ok_msgs = isinstance(row, dict) and isinstance(row.get("messages"), list)
+            if not (ok_prompt or ok_msgs):
+                raise InferError(
+                    f"{path}:{n}: each line needs a string 'prompt' or a list 'messages' "
+                    '(e.g. {"prompt": "def f(x):"} or {"messages": [{"role": "user", '
+                    '"content": "..."}]}).'
+                )
+            rows.append(row)
+    if not rows:
+        raise InferError(f"--prompts-file {path} has no prompts.")
+    return rows
+
+
+def load_model(args, engine_for):
+    """Returns (cfg, params, engine, default tokenizer path)."""
+    from loopcoder_jax import checkpoint
+    from loopcoder_jax.config import ConfigError
+
+    if args.hf:
+        try:
+            from loopcoder_jax.convert import load_hf_checkpoint
+        except ImportError:
+            raise InferError("--hf needs loopcoder_jax.convert.load_hf_checkpoint.") from None
+        if not os.path.isdir(args.hf):
+            raise InferError(f"--hf {args.hf} is not a directory.")
+        cfg, params = load_hf_checkpoint(args.hf, dtype=args.dtype)
+        engine = engine_for(cfg)
+        return cfg, engine.shard_params(params), engine, args.hf
+
+    path = args.checkpoint or DEFAULT_RUN
+    if not os.path.exists(path):
+        if args.checkpoint is None:
+            raise InferError(
+                f"No checkpoint at {DEFAULT_RUN}: run `python train.py` first (it trains the "
+                "tiny default model there), or pass --checkpoint DIR / --hf DIR."
+            )
+        raise InferError(f"--checkpoint {path} does not exist.")
+    try:
+        cfg = checkpoint.load_config(path)
+    except (checkpoint.CheckpointNotFoundError, ConfigError) as e:
+        raise InferError(str(e)) from None
+    engine = engine_for(cfg)
+    try:
+        _, params = checkpoint.load_params(path, dtype=args.dtype, shardings=engine.param_shardings)
+    except checkpoint.CheckpointNotFoundError as e:
+        raise InferError(str(e)) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InferError(
+            f"The weights in {path} do not match its config.json ({type(e).__name__}: "
+            f"{str(e)[:400]}). Was config.json replaced or edited?"
+        ) from None
+    return cfg, params, engine, path
+
+
+def load_tok(args, default_dir: str, cfg):
+    from loopcoder_jax.data.tokenizer import TokenizerError, load_tokenizer
+
+    path = args.tokenizer or default_dir
+    if not args.tokenizer and not os.path.isfile(os.path.join(default_dir, "tokenizer.model")):
+        raise InferError(
+            f"No tokenizer.model in {default_dir}; pass --tokenizer PATH/tokenizer.model."
+        )
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        raise InferError(str(e)) from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise InferError(
+            f"The tokenizer {tok.path} has {tok.vocab_size} pieces but the model only "
+            f"{cfg.vocab_size} embeddings: it is not this model's tokenizer. Pass the "
+            "tokenizer.model the model was trained with (--tokenizer)."
+        )
+    return tok
+
+
+def write_jsonl_atomic(path: str, rows) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _Streamer:
+    """Prints the text of row 0 as tokens arrive (decoding the whole prefix each time keeps
+    SentencePiece's word-boundary spaces right)."""
+
+    def __init__(self, tok, stop_ids, out=None):
+        self.tok, self.stop, self.out = tok, set(stop_ids), out or sys.stdout
+        self.ids, self.printed, self.done = [], "", False
+
+    def __call__(self, step, tokens, active):
+        if self.done or not active[0]:
+            return
+        t = int(tokens[0])
+        if t in self.stop:
+            self.done = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+
+def completion_text(tok, tokens, stop_ids) -> str:
+    if tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    return tok.decode(tokens)
+
+
+def init_distributed(args) -> None:
+    """Every process runs the same command; only process 0 prints and writes the output."""
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pod slice: discovered from the environment
+
+
+def run(args) -> int:
+    from loopcoder_jax.config import RuntimeConfig
+    from loopcoder_jax.generate import GenerationError, get_engine
+
+    mesh = make_mesh(args.mesh)
+
+    def engine_for(cfg):
+        # float32 checkpoints compute in float32, bf16 ones in bf16, unless --dtype says.
+        stored = cfg.torch_dtype if cfg.torch_dtype in ("float32", "bfloat16") else "float32"
+        dtype = args.dtype or stored
+        try:
+            return get_engine(cfg, RuntimeConfig(dtype=dtype, param_dtype=dtype), mesh)
+        except GenerationError as e:
+            raise InferError(str(e)) from None
+
+    import jax
+
+    primary = jax.process_index() == 0
+    cfg, params, engine, default_dir = load_model(args, engine_for)
+    tok = load_tok(args, args.tokenizer or default_dir, cfg)
+    sampling = choose_sampling(args)
+    stop_ids = sorted(
+        {int(e) for e in cfg.eos_token_id}
+        | {int(e) for e in tok.stop_ids if 0 <= int(e) < cfg.vocab_size}
+    )
+
+    def render(row: dict) -> str:
+        if "messages" in row:
+            return tok.apply_chat_template(row["messages"])
+        if args.chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": row["prompt"]}
+            ]
+            return tok.apply_chat_template(msgs)
+        return row["prompt"]
+
+    if args.prompts_file:
+        rows = read_prompts(args.prompts_file)
+    else:
+        rows = [{"prompt": DEFAULT_PROMPT if args.prompt is None else args.prompt}]
+    texts = [render(r) for r in rows]
+    prompts = [tok.encode(t) for t in texts]
+
+    print(
+        f"model: {cfg.num_hidden_layers} layers x loop_num {cfg.loop_num} "
+        f"(W={cfg.loop_window_size}), {cfg.num_params():,} params; "
+        f"mesh {dict(engine.mesh.shape)}; {sampling}",
+        file=sys.stderr,
+    )
+    single = len(rows) == 1 and not args.prompts_file
+    streamer = _Streamer(tok, stop_ids) if single and not args.no_stream else None
+    totals = dict(prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_s=0.0, compile_s=0.0)
+    results = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        try:
+            if start == 0:
+                plan = engine.plan(batch, args.max_new_tokens)
+                print(
+                    f"KV cache: {plan['cache_bytes']:,} bytes (batch {plan['batch']} x "
+                    f"{plan['cache_length']} positions: the dense model's + {cfg.loop_num - 1}"
+                    f" x W={cfg.loop_window_size} per layer)",
+                    file=sys.stderr,
+                )
+                if streamer is not None and not args.chat:
+                    sys.stdout.write(texts[0])  # a code prefix: show what the model continues
+                    sys.stdout.flush()
+            out = engine.generate(
+                params, batch, args.max_new_tokens, sampling=sampling, eos_ids=stop_ids,
+                seed=[args.seed + start + i for i in range(len(batch))], stream=streamer,
+            )  # fmt: skip
+        except GenerationError as e:
+            raise InferError(str(e)) from None
+        for k in totals:
+            totals[k] += out.stats[k]
+        results.extend(zip(out.tokens, out.finish_reasons, strict=True))
+
+    if single:
+        tokens, reason = results[0]
+        text = completion_text(tok, tokens, set(stop_ids))
+        if streamer is None:
+            print(texts[0] + text)
+        else:
+            rest = text[len(streamer.printed) :] if text.startswith(streamer.printed) else ""
+            print(rest)
+        print(f"[finish_reason: {reason}]", file=sys.stderr)
+    else:
+        out_rows = []
+        for row, (tokens, reason) in zip(rows, results, strict=True):
+            out_rows.append(
+                {
+                    **row,
+                    "completion": completion_text(tok, tokens, set(stop_ids)),
+                    "finish_reason": reason,
+                    "num_tokens": len(tokens),
+                }
+            )
+        if primary:
+            write_jsonl_atomic(args.output, out_rows)
+        print(f"wrote {len(out_rows)} completions to {args.output}", file=sys.stderr)
+
+    prefill = totals["prompt_tokens"] / max(totals["prefill_s"], 1e-9)
+    decode = totals["new_tokens"] / max(totals["decode_s"], 1e-9)
+    print(
+        f"prefill: {totals['prompt_tokens']} tokens, {prefill:,.1f} tok/s | decode: "
+        f"{totals['new_tokens']} tokens, {decode:,.1f} tok/s | compile {totals['compile_s']:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.distributed or args.coordinator or args.num_processes:
+            init_distributed(args)
+            import jax
+
+            if jax.process_index() != 0:  # the others compute in lockstep, silently
+                with open(os.devnull, "w") as null:
+                    with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                        return run(args)
+        return run(args)
+    except InferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
