@@ -1,0 +1,1 @@
+"""Data: tokenizer, training pipelines and the code-flow document builder."""
