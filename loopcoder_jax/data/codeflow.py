@@ -726,19 +726,26 @@ def build_documents(
     cfg: CodeFlowConfig = CodeFlowConfig(),
     summary: Summary | None = None,
     progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> Iterator[dict]:
-    """Yields the JSONL records for `repos` in a deterministic order (repos in the given order)."""
+    """Yields the JSONL records for `repos` in a deterministic order (repos in the given order).
+
+    `names` gives the repository names written after `<|repo_name|>` (default: directory names).
+    """
     from tqdm.auto import tqdm
 
+    repos = [os.fspath(r) for r in repos]
+    if names is not None and len(names) != len(repos):
+        raise ValueError(f"Got {len(names)} names for {len(repos)} repositories; give one each.")
     summary = summary if summary is not None else Summary()
-    names = collections.Counter()
-    for repo in tqdm(list(repos), desc="codeflow", unit="repo", disable=not progress):
-        name = repo_display_name(os.fspath(repo))
-        names[name] += 1
-        if names[name] > 1:  # two checkouts with the same directory name
-            name = f"{name}-{names[name]}"
+    seen = collections.Counter()
+    for i, repo in enumerate(tqdm(repos, desc="codeflow", unit="repo", disable=not progress)):
+        name = repo_display_name(names[i] if names is not None else repo)
+        seen[name] += 1
+        if seen[name] > 1:  # two checkouts with the same directory name
+            name = f"{name}-{seen[name]}"
         summary.repos += 1
-        yield from _RepoBuilder(os.fspath(repo), cfg, summary, name).build()
+        yield from _RepoBuilder(repo, cfg, summary, name).build()
 
 
 def write_jsonl(records, out: str | os.PathLike) -> int:
@@ -768,6 +775,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "history of local repositories. Nothing from the repositories is executed.",
     )
     p.add_argument("--repo", action="append", required=True, help="repository (repeatable)")
+    p.add_argument(
+        "--name",
+        action="append",
+        help="repository name for <|repo_name|> (repeatable, one per --repo; default: dir name)",
+    )
     p.add_argument("--out", required=True, help="output JSONL path (written atomically)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ref", default=d.ref, help="branch or commit to walk (default HEAD)")
@@ -807,7 +819,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
         summary = Summary()
-        records = build_documents(args.repo, cfg, summary, progress=not args.no_progress)
+        records = build_documents(
+            args.repo, cfg, summary, progress=not args.no_progress, names=args.name
+        )
         write_jsonl(records, args.out)
     except (CodeFlowError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,10 +118,10 @@ def demo_repo(tmp_path_factory):
     return repo, c
 
 
-def build(repos, **kw):
+def build(repos, names=None, **kw):
     summary = Summary()
     cfg = CodeFlowConfig(**kw)
-    return list(build_documents(repos, cfg, summary)), summary
+    return list(build_documents(repos, cfg, summary, names=names)), summary
 
 
 def test_transitions_are_exactly_the_expected_triplets(demo_repo, tmp_path):
@@ -345,15 +345,17 @@ def test_cli_writes_jsonl_and_summary(demo_repo, tmp_path):
     out = tmp_path / "sub" / "flow.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "loopcoder_jax.data.codeflow", "--repo", repo, "--out", str(out)]
-        + ["--max-span", "1", "--no-progress", "--seed", "0"],
+        + ["--name", "proj", "--max-span", "1", "--no-progress", "--seed", "0"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=True,
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    expected, _ = build([repo], max_span=1, seed=0)
+    expected, _ = build([repo], names=["proj"], max_span=1, seed=0)
     assert records == expected
+    assert {r["repo"] for r in records} == {"proj"}
+    assert records[0]["text"].startswith(f"{REPO_NAME}proj\n")
     assert "skipped:" in proc.stderr and "binary" in proc.stderr
     assert not [p for p in os.listdir(out.parent) if p.endswith(".tmp")]
     bad = subprocess.run(
