@@ -415,3 +415,73 @@ def model_config_from_section(section: Mapping[str, Any] | None) -> ModelConfig:
     if "eos_token_id" in section and isinstance(section["eos_token_id"], list):
         section["eos_token_id"] = tuple(section["eos_token_id"])
     return build_dataclass(ModelConfig, section, "model")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training-data pipeline (YAML section `data:`); see docs/data.md.
+
+    Sequence length and batch size are not here: they come from the train config and are
+    arguments of `data.pipeline.make_train_iterator`.
+
+    sources: JSONL files (`.jsonl`, one JSON object per line) and ArrayRecord files
+      (`.array_record`, one JSON object per record), as paths or globs. Empty = the small code
+      corpus shipped in the package (`loopcoder_jax/assets/corpus.jsonl`).
+    record_format: "auto" (a record with `messages_field` is a chat conversation, otherwise
+      text), "text" or "chat". Chat records train only on assistant tokens (SFT).
+    text_field / messages_field: JSON keys of the document text / the chat message list
+      (`[{"role": ..., "content": ...}, ...]`).
+    tokenizer: path of a SentencePiece `tokenizer.model`; None = the model shipped in the package.
+    add_bos / add_eos: wrap each text document in `<s>` ... `</s>`.
+    shuffle: shuffle records (per epoch, deterministic given the seed).
+    seed: data seed; None = the seed passed to `make_train_iterator` (the train seed).
+    num_epochs: passes over the data; None = repeat forever.
+    split_long: "always" fills every row completely and splits a document across rows where it
+      does not fit (no padding; pretraining); "long_only" starts a document that fits in one row
+      on a fresh row instead (some padding; keeps SFT conversations whole).
+    fim_rate: fraction of text documents rewritten as file-level fill-in-the-middle
+      (`<|fim_prefix|>pre<|fim_suffix|>suf<|fim_middle|>mid<|im_end|>`, DESIGN.md §4).
+    worker_count: grain worker processes for reading + tokenizing (0 = in the main process,
+      the right choice on small hosts; malformed-record counters then live in this process).
+    startup_check_records: records read from the start of each source file before training to
+      catch a wrong path, field name or format at once instead of mid-run.
+    """
+
+    sources: tuple[str, ...] = ()
+    record_format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    tokenizer: str | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    shuffle: bool = True
+    seed: int | None = None
+    num_epochs: int | None = None
+    split_long: str = "always"
+    fim_rate: float = 0.0
+    worker_count: int = 0
+    startup_check_records: int = 1000
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        elif not isinstance(self.sources, tuple):
+            object.__setattr__(self, "sources", tuple(self.sources))
+        if self.record_format not in ("auto", "text", "chat"):
+            raise ConfigError(
+                f"data.record_format={self.record_format!r}; choose 'auto', 'text' or 'chat'."
+            )
+        if self.split_long not in ("always", "long_only"):
+            raise ConfigError(
+                f"data.split_long={self.split_long!r}; choose 'always' or 'long_only'."
+            )
+        if not 0.0 <= float(self.fim_rate) <= 1.0:
+            raise ConfigError(f"data.fim_rate={self.fim_rate} must lie in [0, 1].")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs={self.num_epochs}; use an integer >= 1 or null.")
+        if self.worker_count < 0 or self.startup_check_records < 0:
+            raise ConfigError("data.worker_count and data.startup_check_records must be >= 0.")
+
+    def replace(self, **changes) -> DataConfig:
+        return dataclasses.replace(self, **changes)
