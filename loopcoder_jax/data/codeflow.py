@@ -41,6 +41,8 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
+from loopcoder_jax.data.tokenizer import SPECIAL_TOKENS as TOKENIZER_SPECIAL_TOKENS
+
 FIM_PREFIX = "<|fim_prefix|>"
 FIM_SUFFIX = "<|fim_suffix|>"
 FIM_MIDDLE = "<|fim_middle|>"
@@ -48,7 +50,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 REPO_NAME = "<|repo_name|>"
 FILE_SEP = "<|file_sep|>"
-SPECIAL_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, IM_START, IM_END, REPO_NAME, FILE_SEP)
+# Files containing any special token of the tokenizer are skipped, so markers stay unambiguous.
+FILTERED_TOKENS = tuple(sorted(set(TOKENIZER_SPECIAL_TOKENS) | {IM_START, IM_END, REPO_NAME}))
 
 # Section headers of a transition document (docs/codeflow.md): R_old, P, R_new.
 SECTION_OLD = "old"
@@ -391,7 +394,7 @@ def content_skip_reason(data: bytes, cfg: CodeFlowConfig) -> tuple[str | None, s
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None, "non-UTF-8 content"
-    if any(tok in text for tok in SPECIAL_TOKENS):
+    if any(tok in text for tok in FILTERED_TOKENS):
         return None, "contains special tokens"
     if any(len(line) > cfg.max_line_chars for line in text.splitlines()):
         return None, "long lines"

@@ -367,3 +367,20 @@ def test_cli_writes_jsonl_and_summary(demo_repo, tmp_path):
     )
     assert bad.returncode == 2 and "not a git repository" in bad.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_documents_tokenize_with_special_tokens_as_single_ids(demo_repo):
+    """The shipped tokenizer reserves every marker of the layouts as one id."""
+    from loopcoder_jax.data import load_tokenizer
+
+    tok = load_tokenizer()
+    repo, _ = demo_repo
+    docs, _ = build([repo], max_span=1, repo_fim_per_repo=2)
+    markers = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, IM_END, REPO_NAME, FILE_SEP, "<|im_start|>")
+    for token in markers:
+        assert tok.encode(token, add_bos=False) == [tok.special_ids[token]], token
+    for d in docs:
+        ids = tok.encode(d["text"], add_bos=False)
+        for token in markers:
+            assert ids.count(tok.special_ids[token]) == d["text"].count(token), token
+        assert tok.decode(ids) == d["text"]
