@@ -71,8 +71,9 @@ class AblationResult:
     steps: list[int]
     losses: list[float]
     num_params: int
-    seconds: float
+    seconds: float  # wall time of steps 2..N (step 1 compiles)
     tokens_per_step: int
+    param_change: float = math.nan  # global L2 norm of (final params - initial params)
 
     @property
     def final_loss(self) -> float:
@@ -131,7 +132,7 @@ def results_table(
     ]
     for r in results:
         delta = "" if base is None or r.name == baseline else f"{r.final_loss - base:+.3f}"
-        per_step = r.seconds / max(len(r.steps), 1)
+        per_step = r.seconds / max(len(r.steps) - 1, 1)
         name = r.name + (f" ({notes[r.name]})" if r.name in notes else "")
         first = r.losses[0] if r.losses else math.nan
         rows.append(
@@ -139,3 +140,111 @@ def results_table(
             f"| {delta} | {per_step:.3f} |"
         )
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------- training
+def load_ablation(config_path: str | os.PathLike, overrides: Mapping[str, str] | None = None):
+    """`ExperimentConfig` of one ablation YAML with `section.key -> value` overrides."""
+    from loopcoder_jax.config import ExperimentConfig
+
+    return ExperimentConfig.from_yaml(config_path, dict(overrides or {}))
+
+
+def run_ablation(
+    name: str,
+    config_path: str | os.PathLike,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    save_params: bool = True,
+    devices=None,
+) -> AblationResult:
+    """Trains one ablation in-process and returns its per-step losses.
+
+    The same pieces as `train.py` (mesh, rules, `training.make_train_step`, the grain pipeline,
+    `train.init_from`), without the run-loop extras (periodic checkpoints, TensorBoard): an
+    ablation needs the loss of every step, not a resumable run. With `save_params` the final
+    params are written as a params-only checkpoint to `train.run_dir` (the dense source of the
+    folded init is read back from there). `devices` restricts the mesh to some devices
+    (default: all).
+    """
+    import time
+
+    import jax
+    import numpy as np
+
+    from loopcoder_jax import checkpoint, training
+    from loopcoder_jax import sharding as sh
+    from loopcoder_jax.data import load_tokenizer, make_train_iterator
+
+    exp = load_ablation(config_path, overrides)
+    tc = exp.train
+    model = training.experiment_model(exp.model, exp.runtime)
+    mesh = sh.make_mesh(exp.mesh, devices)
+    rules = sh.get_rules(exp.mesh.rules)
+    training.validate(model, mesh, rules, tc)
+    optimizer = training.make_optimizer(tc)
+    if tc.init_from:
+        src_cfg, params = checkpoint.load_params(tc.init_from)
+        if src_cfg != exp.model:
+            raise ValueError(
+                f"{name}: train.init_from={tc.init_from} holds a model config that differs from "
+                f"this ablation's model section:\n  checkpoint: {src_cfg}\n  ablation:   "
+                f"{exp.model}\nFold / convert the source to the ablation's architecture."
+            )
+        _, state_sh = training.state_shardings(model, optimizer, mesh, rules)
+        params = jax.device_put(params, state_sh.params)
+        state = training.make_state_from_params(model, optimizer, mesh, rules)(params)
+    else:
+        state = training.make_init_fn(model, optimizer, mesh, rules)(jax.random.key(tc.seed))
+    initial = jax.tree.map(np.asarray, state.params)
+    tokenizer = load_tokenizer(exp.data.tokenizer)
+    batches = make_train_iterator(
+        exp.data,
+        tokenizer=tokenizer,
+        seq_len=tc.seq_len,
+        batch_size=tc.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=tc.seed,
+    )
+    step_fn = training.make_train_step(model, optimizer, mesh, rules, train_cfg=tc)
+    steps, losses = [], []
+    start = time.perf_counter()
+    for i in range(tc.steps):
+        if i == 1:  # step 1 includes compilation; time the steady state
+            start = time.perf_counter()
+        state, metrics = step_fn(state, training.shard_batch(next(batches), mesh, rules))
+        steps.append(i + 1)
+        losses.append(float(metrics["loss"]))  # syncs every step: fine at ablation scale
+    seconds = time.perf_counter() - start
+    final = jax.tree.map(np.asarray, state.params)
+    pairs = zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True)
+    result = AblationResult(
+        name=name,
+        steps=steps,
+        losses=losses,
+        num_params=training.count_params(final),
+        seconds=seconds,
+        tokens_per_step=tc.batch_size * tc.seq_len,
+        param_change=math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in pairs)),
+    )
+    if save_params:
+        checkpoint.save_params(tc.run_dir, exp.model, final, overwrite=True)
+    return result
+
+
+def make_folded_init(
+    dense_dir: str | os.PathLike, out_dir: str | os.PathLike, loop_num: int = 2, **fold_kwargs
+) -> str:
+    """Folds a dense params checkpoint (2L layers) into a loop_num-loop L-layer init.
+
+    Thin wrapper over `convert.fold_dense_to_loop` (the same code as
+    `python -m loopcoder_jax.convert fold`); writes a params-only checkpoint, returns its path.
+    """
+    from loopcoder_jax import checkpoint, convert
+
+    dense_cfg, dense_params = checkpoint.load_params(dense_dir)
+    cfg, params = convert.fold_dense_to_loop(
+        dense_cfg, dense_params, loop_num=loop_num, **fold_kwargs
+    )
+    return checkpoint.save_params(out_dir, cfg, params, overwrite=True)
