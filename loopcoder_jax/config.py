@@ -48,6 +48,10 @@ _IGNORED_HF_KEYS = frozenset(
 )
 
 
+GATE_TYPES = frozenset({"query", "fixed", "hidden"})
+_ABLATION_DEFAULTS = {"gate_type": "query", "untied_loops": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """LoopCoder architecture, in Hugging Face `config.json` vocabulary.
@@ -81,6 +85,9 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = (2, 75864, 75869)
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # ---- research ablations (not in the released config.json; no HF export for non-defaults)
+    gate_type: str = "query"  # "query" (released), "fixed" (g = 0.5), "hidden" (from layer input)
+    untied_loops: bool = False  # True: a separate weight stack per loop (isolates weight sharing)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -121,6 +128,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.hidden_act={self.hidden_act!r} is not supported; LoopCoder uses 'silu'."
             )
+        if self.gate_type not in GATE_TYPES:
+            raise ConfigError(
+                f"model.gate_type={self.gate_type!r}; choose one of {sorted(GATE_TYPES)}."
+            )
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ConfigError("model.rope_theta and model.rms_norm_eps must be positive.")
 
@@ -133,7 +144,12 @@ class ModelConfig:
     @property
     def has_gate(self) -> bool:
         """Gate parameters exist only when some loop mixes global and local attention."""
-        return self.loop_num >= 2
+        return self.loop_num >= 2 and self.gate_type != "fixed"
+
+    @property
+    def is_released_architecture(self) -> bool:
+        """True unless an ablation option makes the model inexpressible as a HF checkpoint."""
+        return self.gate_type == "query" and not self.untied_loops
 
     def num_params(self) -> int:
         """Number of parameters (shared stack counted once)."""
@@ -146,9 +162,10 @@ class ModelConfig:
         )
         per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
         if self.has_gate:
-            per_layer += n * h + n
+            per_layer += (n * h if self.gate_type == "query" else d * n) + n
+        stacks = self.loop_num if self.untied_loops else 1
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + d
+        return stacks * self.num_hidden_layers * per_layer + embed + d
 
     # ------------------------------------------------------------------ HF round trip
     @classmethod
@@ -199,6 +216,9 @@ class ModelConfig:
         """The HF `config.json` dict (loop or dense architecture name chosen by `loop_num`)."""
         out = dataclasses.asdict(self)
         out["eos_token_id"] = list(self.eos_token_id)
+        for ablation in ("gate_type", "untied_loops"):  # keep released configs HF-clean
+            if out[ablation] == _ABLATION_DEFAULTS[ablation]:
+                del out[ablation]
         if self.loop_num == 1:
             out["architectures"] = ["LlamaForCausalLM"]
             out["model_type"] = "llama"

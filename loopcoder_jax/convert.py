@@ -143,6 +143,12 @@ _LM_HEAD_ROW = (
 
 def layer_rows(cfg: ModelConfig):
     """The per-layer rows that apply to `cfg`."""
+    if not cfg.is_released_architecture:
+        raise CheckpointError(
+            f"gate_type={cfg.gate_type!r}, untied_loops={cfg.untied_loops} is a research "
+            "ablation with no Hugging Face checkpoint format; only gate_type='query' with tied "
+            "loops converts."
+        )
     return _LAYER_ROWS + (_GATE_ROWS if cfg.has_gate else ())
 
 

@@ -24,34 +24,48 @@ Dtype = Any
 
 
 class LoopGate(nn.Module):
-    """Per-head mixing gate: g = sigmoid(einsum('btnh,nh->btn', q, W_g) + b_g).
+    """Per-head mixing gate: out = g * global + (1 - g) * local, g in [0, 1] per head.
 
-    `q` is the post-RoPE query. The output is `g * global + (1 - g) * local`. The official
-    init is zeros (g = 0.5 everywhere); HF names: `model.gate_projections.{i}.{weight,bias}`.
+    gate_type "query" (the released model): g = sigmoid(einsum('btnh,nh->btn', q, W) + b),
+      q the post-RoPE query; W [N, H], b [N]; HF names `model.gate_projections.{i}.*`. The
+      official init is zeros (g = 0.5).
+    gate_type "fixed" (ablation): g = 0.5, no parameters.
+    gate_type "hidden" (ablation): g = sigmoid(einsum('btd,dn->btn', x, W) + b), x the normed
+      layer input; W [D, N], b [N].
     """
 
     num_heads: int
     head_dim: int
+    gate_type: str = "query"
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, q, global_out, local_out):
-        """q, global_out, local_out: [B, T, N, H] -> [B, T, N, H]."""
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.zeros, (sh.HEADS, sh.HEAD_DIM)),
-            (self.num_heads, self.head_dim),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, (sh.HEADS,)),
-            (self.num_heads,),
-            self.param_dtype,
-        )
-        # float32 island: the gate is a tiny reduction whose sigmoid saturates in bf16.
-        logit = jnp.einsum("btnh,nh->btn", q.astype(jnp.float32), kernel.astype(jnp.float32))
-        g = jax.nn.sigmoid(logit + bias.astype(jnp.float32))[..., None]
+    def __call__(self, q, x, global_out, local_out):
+        """q: [B, T, N, H]; x: [B, T, D]; global_out, local_out: [B, T, N, H] -> [B, T, N, H]."""
+        if self.gate_type == "fixed":
+            g = jnp.float32(0.5)
+        else:
+            if self.gate_type == "query":
+                shape, names, spec, src = (
+                    (self.num_heads, self.head_dim), (sh.HEADS, sh.HEAD_DIM), "btnh,nh->btn", q
+                )
+            else:
+                shape, names, spec, src = (
+                    (x.shape[-1], self.num_heads), (sh.EMBED, sh.HEADS), "btd,dn->btn", x
+                )
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
+                self.param_dtype,
+            )  # fmt: skip
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (sh.HEADS,)),
+                (self.num_heads,),
+                self.param_dtype,
+            )
+            # float32 island: the gate is a tiny reduction whose sigmoid saturates in bf16.
+            logit = jnp.einsum(spec, src.astype(jnp.float32), kernel.astype(jnp.float32))
+            g = jax.nn.sigmoid(logit + bias.astype(jnp.float32))[..., None]
         mixed = g * global_out.astype(jnp.float32) + (1.0 - g) * local_out.astype(jnp.float32)
         return mixed.astype(global_out.dtype)
 
@@ -93,7 +107,7 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     window: int
-    has_gate: bool
+    gate_type: str = "query"
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -114,8 +128,7 @@ class Attention(nn.Module):
         self.k_proj = proj((k, h), 1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
         self.v_proj = proj((k, h), 1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
         self.o_proj = proj((self.hidden_size,), 2, (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
-        if self.has_gate:
-            self.loop_gate = LoopGate(n, h, param_dtype=self.param_dtype)
+        self.loop_gate = LoopGate(n, h, self.gate_type, param_dtype=self.param_dtype)
 
     def _qkv(self, x, cos, sin):
         q = apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
@@ -149,7 +162,7 @@ class Attention(nn.Module):
             k0, v0 = shared_kv
             global_out = kernels.attention(q, k0, v0, kernels.Causal(), segment_ids)
             local_out = kernels.attention(q, k, v, kernels.LocalWindow(self.window), segment_ids)
-            a = self.loop_gate(q, global_out, local_out)
+            a = self.loop_gate(q, x, global_out, local_out)
         return self._out(a), (k, v)
 
     def decode(self, x, cos, sin, *, loop_idx: int, pos, global_kv, ring_kv=None):
@@ -182,4 +195,4 @@ class Attention(nn.Module):
         # are inside the window by construction, only slots never written (< 0) are masked.
         slot_pos = pos[:, None] - (pos[:, None] - jnp.arange(w)[None, :]) % w  # [B, W]
         local_out = kernels.attention_with_mask(q, rk, rv, (slot_pos >= 0)[:, None, :])
-        return self._out(self.loop_gate(q, global_out, local_out)), (rk, rv)
+        return self._out(self.loop_gate(q, x, global_out, local_out)), (rk, rv)

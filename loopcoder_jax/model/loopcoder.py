@@ -38,7 +38,8 @@ class DecoderLayer(nn.Module):
     num_kv_heads: int
     head_dim: int
     window: int
-    has_gate: bool
+    loop_num: int
+    gate_type: str
     rms_norm_eps: float
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
@@ -55,7 +56,7 @@ class DecoderLayer(nn.Module):
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             window=self.window,
-            has_gate=self.has_gate,
+            gate_type=self.gate_type,
             init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -99,9 +100,9 @@ class DecoderLayer(nn.Module):
         return self._mlp_block(h + a), kv
 
     def init_all_branches(self, h, cos, sin):
-        """Runs loop 0 and (if gated) a later loop once, so `init` creates every parameter."""
+        """Runs loop 0 and (if any) a later loop once, so `init` creates every parameter."""
         h0, kv = self(h, cos, sin, loop_idx=0)
-        if self.has_gate:
+        if self.loop_num >= 2:
             self(h0, cos, sin, loop_idx=1, shared_kv=kv)
         return h0
 
@@ -155,6 +156,11 @@ class LoopCoder(nn.Module):
             embedding_init=nn.with_logical_partitioning(init, (sh.VOCAB, sh.EMBED)),
         )
         self.layers = self.param("layers", self._init_stacked_layers)
+        # Ablation only: loops >= 1 get their own stacks ("layers_loop1", ...), same depth.
+        self.untied_layers = tuple(
+            self.param(f"layers_loop{i}", self._init_stacked_layers)
+            for i in range(1, cfg.loop_num if cfg.untied_loops else 1)
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self._dtype, param_dtype=self._param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -177,7 +183,8 @@ class LoopCoder(nn.Module):
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim,
             window=cfg.loop_window_size,
-            has_gate=cfg.has_gate,
+            loop_num=cfg.loop_num,
+            gate_type=cfg.gate_type,
             rms_norm_eps=cfg.rms_norm_eps,
             init_std=cfg.initializer_range,
             dtype=self._dtype,
@@ -201,6 +208,13 @@ class LoopCoder(nn.Module):
             stacked,
             is_leaf=lambda x: isinstance(x, nn.Partitioned),
         )
+
+    def _loop_params(self, loop_idx: int):
+        """The stacked layer params a loop runs: the same tree for every loop (LoopCoder),
+        unless the untied-loops ablation gives loops >= 1 their own."""
+        if loop_idx == 0 or not self.config.untied_loops:
+            return self.layers
+        return self.untied_layers[loop_idx - 1]
 
     def _scan_layers(self, body, h, xs):
         """Runs `body(h, (layer_params, *per_layer)) -> (h, y)` over the L layers."""
@@ -229,7 +243,7 @@ class LoopCoder(nn.Module):
                 shared_kv=kv0,
             )
 
-        return self._scan_layers(body, h, (self.layers, shared_kv))
+        return self._scan_layers(body, h, (self._loop_params(loop_idx), shared_kv))
 
     # ------------------------------------------------------------------ full sequence
     def hidden_states(self, input_ids, segment_ids=None, positions=None, *, return_kv=False):
@@ -343,7 +357,7 @@ class LoopCoder(nn.Module):
                         global_kv=(k, v), method=DecoderLayer.decode,
                     )  # fmt: skip
 
-                h, (gk, gv) = jax.lax.scan(body0, h, (self.layers, gk, gv))
+                h, (gk, gv) = jax.lax.scan(body0, h, (self._loop_params(0), gk, gv))
             else:
 
                 def body(h, xs, loop_idx=loop_idx):
@@ -354,7 +368,7 @@ class LoopCoder(nn.Module):
                     )  # fmt: skip
 
                 c = loop_idx - 1
-                xs = (self.layers, gk, gv, cache.local_k[c], cache.local_v[c])
+                xs = (self._loop_params(loop_idx), gk, gv, cache.local_k[c], cache.local_v[c])
                 h, (rk, rv) = jax.lax.scan(body, h, xs)
                 local_k.append(rk)
                 local_v.append(rv)
