@@ -10,11 +10,17 @@ ml_dtypes), so no torch is needed.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
+import tqdm
 
-from loopcoder_jax.config import ModelConfig
+from loopcoder_jax import checkpoint as ckpt
+from loopcoder_jax import safetensors_io as sio
+from loopcoder_jax.config import ConfigError, ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -79,17 +85,26 @@ _LAYER_ROWS = (
     (
         "model.layers.{i}.mlp.gate_proj.weight",
         ("mlp", "gate_proj", "kernel"),
-        _t(lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size, c.hidden_size)),
+        _t(
+            lambda c: (c.hidden_size, c.intermediate_size),
+            lambda c: (c.intermediate_size, c.hidden_size),
+        ),
     ),
     (
         "model.layers.{i}.mlp.up_proj.weight",
         ("mlp", "up_proj", "kernel"),
-        _t(lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size, c.hidden_size)),
+        _t(
+            lambda c: (c.hidden_size, c.intermediate_size),
+            lambda c: (c.intermediate_size, c.hidden_size),
+        ),
     ),
     (
         "model.layers.{i}.mlp.down_proj.weight",
         ("mlp", "down_proj", "kernel"),
-        _t(lambda c: (c.intermediate_size, c.hidden_size), lambda c: (c.hidden_size, c.intermediate_size)),
+        _t(
+            lambda c: (c.intermediate_size, c.hidden_size),
+            lambda c: (c.hidden_size, c.intermediate_size),
+        ),
     ),
     (
         "model.layers.{i}.input_layernorm.weight",
@@ -266,3 +281,630 @@ def params_to_hf(cfg: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
         for i in range(cfg.num_hidden_layers):
             out[name.format(i=i)] = cast(flax_to_hf_leaf(stacked[i], tr, cfg))
     return out
+
+
+# ============================================================================ file conversion
+# Everything below streams: tensors are read into (and written from) buffers of one layer slab
+# at a time, never the whole model. See docs/conversion.md for the user guide.
+
+DTYPE_NAMES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+_WEIGHT_CODES = ("F32", "BF16", "F16")
+
+
+def _as_dtype(dtype) -> np.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(
+                f"dtype {dtype!r} is not supported; use one of {list(DTYPE_NAMES)}."
+            )
+        return DTYPE_NAMES[dtype]
+    out = np.dtype(dtype)
+    if out not in DTYPE_NAMES.values():
+        raise CheckpointError(f"dtype {out} is not supported; use one of {list(DTYPE_NAMES)}.")
+    return out
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def _fill_flax(dst: np.ndarray, x: np.ndarray, tr: Transform) -> None:
+    """Writes HF tensor `x` into the Flax-layout buffer `dst` (casting), without a temporary."""
+    src = x.T if tr.transpose else x
+    np.copyto(dst.reshape(src.shape), src, casting="unsafe")
+
+
+def _leaf_rows(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Transform, bool]]:
+    """Flax leaf path -> (HF name, transform, stacked) for every leaf `cfg` has."""
+    out = {path: (name, tr, False) for name, path, tr in global_rows(cfg)}
+    out.update({("layers", *path): (name, tr, True) for name, path, tr in layer_rows(cfg)})
+    return out
+
+
+def hf_tensor_order(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """HF names and shapes in the order transformers' `save_pretrained` writes them."""
+    shapes = expected_hf_shapes(cfg)
+    names = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_hidden_layers):
+        names += [name.format(i=i) for name, _, _ in _LAYER_ROWS]
+    names.append("model.norm.weight")
+    if cfg.has_gate:
+        for i in range(cfg.num_hidden_layers):
+            names += [name.format(i=i) for name, _, _ in _GATE_ROWS]
+    if not cfg.tie_word_embeddings:
+        names.append(_LM_HEAD_ROW[0])
+    return [(n, shapes[n]) for n in names]
+
+
+def open_hf_checkpoint(path: str | os.PathLike):
+    """Validates a HF checkpoint directory without reading any weights.
+
+    Checks config.json, every safetensors header and the index, that the tensor names and shapes
+    are exactly those config.json implies, and that the weights are one float dtype.
+    Returns:
+      (ModelConfig, `safetensors_io.TensorReader`, stored numpy dtype).
+    Raises:
+      CheckpointError naming the file/tensor and the fix.
+    """
+    path = os.fspath(path)
+    cfg_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_file = os.path.join(cfg_dir, "config.json")
+    try:
+        if os.path.isfile(path) and path.endswith(sio.PICKLE_SUFFIXES):
+            sio.find_weight_files(path)  # raises the pickle refusal
+        if not os.path.exists(cfg_file):
+            raise CheckpointError(
+                f"No config.json next to the weights in {cfg_dir}: download it with the weights "
+                "(it defines the architecture)."
+            )
+        try:
+            cfg = ModelConfig.from_hf(cfg_file)
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
+        reader = sio.open_checkpoint(path)
+    except sio.SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    infos = reader.infos
+    try:
+        check_names(cfg, infos.keys(), {n: i.shape for n, i in infos.items()})
+    except CheckpointError as e:
+        reader.close()
+        raise CheckpointError(f"{path}: {e} (config: {cfg_file})") from None
+    codes: dict[str, list[str]] = {}
+    for name, info in infos.items():
+        codes.setdefault(info.dtype, []).append(name)
+    bad = {c: n for c, n in codes.items() if c not in _WEIGHT_CODES}
+    if bad or len(codes) > 1:
+        reader.close()
+        rare = sorted(codes, key=lambda c: len(codes[c]))[0]
+        where = bad or {rare: codes[rare]}
+        c, names = next(iter(where.items()))
+        raise CheckpointError(
+            f"{path}: tensor {sorted(names)[0]!r} ({infos[sorted(names)[0]].file}) has dtype {c}"
+            + (f" while the others are {sorted(set(codes) - {c})}" if len(codes) > 1 else "")
+            + f". Weights must all be one of {list(_WEIGHT_CODES)}: re-export the checkpoint "
+            "in a single float dtype."
+        )
+    stored = sio.DTYPES[next(iter(codes))]
+    return cfg, reader, stored
+
+
+def _hf_pieces(cfg: ModelConfig, reader, dtype: np.dtype, piece_bytes: int | None):
+    """Yields (leaf path, start layer or None, Flax-layout piece, full leaf shape).
+
+    Stacked leaves come as slabs of whole layers of at most `piece_bytes` (None: the whole leaf).
+    """
+    for name, path, tr in global_rows(cfg):
+        x = reader.read(name)
+        leaf = np.empty(tr.flax_shape(cfg), dtype)
+        _fill_flax(leaf, x, tr)
+        del x
+        yield path, None, leaf, leaf.shape
+    L = cfg.num_hidden_layers
+    for name, path, tr in layer_rows(cfg):
+        full = (L, *tr.flax_shape(cfg))
+        step = (
+            L if piece_bytes is None else ckpt.layers_per_piece(full, dtype.itemsize, piece_bytes)
+        )
+        for start in range(0, L, step):
+            piece = np.empty((min(step, L - start), *full[1:]), dtype)
+            for j in range(piece.shape[0]):
+                _fill_flax(piece[j], reader.read(name.format(i=start + j)), tr)
+            yield ("layers", *path), start, piece, full
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
+    """Reads a HF (official names, safetensors) checkpoint into a stacked Flax params tree.
+
+    Args:
+      path: directory with config.json and model.safetensors or shards + index (or one
+        .safetensors file with config.json beside it). Pickle files are refused.
+      dtype: "float32" / "bfloat16" / "float16" or None to keep the stored dtype (bf16 stays
+        bf16).
+    Returns:
+      (ModelConfig, params) with numpy leaves in the layout of `LoopCoder`'s params.
+    """
+    cfg, reader, stored = open_hf_checkpoint(path)
+    dtype = _as_dtype(dtype) or stored
+    params: dict = {}
+    with reader:
+        for leaf_path, _, leaf, _ in _hf_pieces(cfg, reader, dtype, None):
+            _set(params, leaf_path, leaf)
+    return cfg.replace(torch_dtype=_dtype_name(dtype)), params
+
+
+class _Progress:
+    """tqdm over bytes (or a silent stand-in) + the numbers for the summary line."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.start = time.perf_counter()
+        self.tensors = 0
+        self.bytes = 0
+        self.bar = tqdm.tqdm(
+            total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=False
+        )
+
+    def update(self, name: str, nbytes: int, tensors: int):
+        self.tensors += tensors
+        self.bytes += nbytes
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(nbytes)
+
+    def summary(self, **extra) -> dict:
+        self.bar.close()
+        secs = time.perf_counter() - self.start
+        out = {
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "seconds": round(secs, 3),
+            "MB_per_s": round(self.bytes / 1e6 / max(secs, 1e-9), 1),
+        }
+        out.update(extra)
+        return out
+
+
+def hf_to_orbax(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    piece_bytes: int = ckpt.DEFAULT_GROUP_BYTES,
+    progress: bool = False,
+) -> dict:
+    """Converts a HF checkpoint to a params-only Orbax checkpoint, one layer slab at a time.
+
+    The output is what `checkpoint.load_params` (`train.py --init-from`, `infer.py
+    --checkpoint`) reads, onto any mesh. Returns the summary (tensors, bytes, seconds, MB/s).
+    """
+    cfg, reader, stored = open_hf_checkpoint(src)
+    dtype = _as_dtype(dtype) or stored
+    cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
+    total = sum(i.nbytes for i in reader.infos.values())
+    bar = _Progress(total, "hf-to-orbax", progress)
+    with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
+        for leaf_path, start, piece, full in _hf_pieces(cfg, reader, dtype, piece_bytes):
+            w.add(leaf_path, piece, shape=full, start=start)
+            n = 1 if start is None else piece.shape[0]
+            read = piece.size * stored.itemsize
+            bar.update("/".join(leaf_path), read, n)
+    return bar.summary(src=os.fspath(src), dst=w.path, dtype=_dtype_name(dtype))
+
+
+def _write_hf(cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar) -> list[str]:
+    """Writes shards + index + config.json from a stream of (leaf path, start, Flax piece)."""
+    rows = _leaf_rows(cfg)
+    by_name = {}
+    for leaf_path, (name, _, stacked) in rows.items():
+        if stacked:
+            for i in range(cfg.num_hidden_layers):
+                by_name[name.format(i=i)] = leaf_path
+        else:
+            by_name[name] = leaf_path
+    specs = [(n, s, out_dtypes[by_name[n]]) for n, s in hf_tensor_order(cfg)]
+    planned, headers = sio.plan_shards(specs, max_shard_size)
+    with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
+        writer = sio.ShardWriter(tmp, planned, headers)
+        try:
+            for leaf_path, start, piece in pieces:
+                if leaf_path not in rows:
+                    raise CheckpointError(f"leaf {'/'.join(leaf_path)} has no HF name for {cfg}")
+                name, tr, stacked = rows[leaf_path]
+                out = out_dtypes[leaf_path]
+                if not stacked:
+                    writer.write(name, flax_to_hf_leaf(np.asarray(piece), tr, cfg).astype(out))
+                    bar.update(name, writer.planned[name].nbytes, 1)
+                    continue
+                for j in range(piece.shape[0]):
+                    hf_name = name.format(i=start + j)
+                    x = flax_to_hf_leaf(np.asarray(piece[j]), tr, cfg).astype(out, copy=False)
+                    writer.write(hf_name, x)
+                    bar.update(hf_name, x.nbytes, 1)
+            files = writer.finish()
+        finally:
+            writer.close()
+        out_cfg = cfg.to_hf()
+        dts = {np.dtype(d).name for d in out_dtypes.values()}
+        out_cfg["torch_dtype"] = dts.pop() if len(dts) == 1 else cfg.torch_dtype
+        ckpt.write_json_atomic(os.path.join(tmp, "config.json"), out_cfg)
+    return files
+
+
+def save_hf_checkpoint(
+    cfg: ModelConfig,
+    params,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    *,
+    dtype=None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Writes `params` as a HF checkpoint (official names, [out, in] layout, safetensors).
+
+    `architectures` is IQuestLoopCoderForCausalLM, or LlamaForCausalLM for a dense model
+    (loop_num == 1, no gate tensors). Shards of at most `max_shard_size` plus
+    model.safetensors.index.json when more than one. Stacked leaves are copied to host one layer
+    at a time. Returns the weight file names.
+    """
+    dtype = _as_dtype(dtype)
+    rows = _leaf_rows(cfg)
+    pieces, out_dtypes = [], {}
+    for leaf_path in rows:
+        try:
+            leaf = _get(params, leaf_path)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"params have no leaf {'/'.join(leaf_path)} for {cfg}") from None
+        _, tr, stacked = rows[leaf_path]
+        want = (cfg.num_hidden_layers, *tr.flax_shape(cfg)) if stacked else tr.flax_shape(cfg)
+        if tuple(leaf.shape) != tuple(want):
+            raise CheckpointError(
+                f"params leaf {'/'.join(leaf_path)} has shape {tuple(leaf.shape)} but the config "
+                f"implies {tuple(want)}; pass the ModelConfig these params were made with."
+            )
+        out_dtypes[leaf_path] = dtype or np.dtype(leaf.dtype)
+        pieces.append((leaf_path, 0 if leaf_path[0] == "layers" else None, leaf))
+    bar = _Progress(0, "save-hf", False)
+    return _write_hf(cfg, path, pieces, out_dtypes, max_shard_size, overwrite, bar)
+
+
+def orbax_to_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Converts a params-only Orbax checkpoint to a HF checkpoint, one Orbax group at a time."""
+    src = os.fspath(src)
+    dtype = _as_dtype(dtype)
+    cfg = ckpt.load_config(src)
+    manifest = ckpt.read_manifest(src)
+    if manifest is None:  # single-tree layout: no slabs to stream
+        cfg, params = ckpt.load_params(src)
+        files = save_hf_checkpoint(
+            cfg, params, dst, max_shard_size, dtype=dtype, overwrite=overwrite
+        )
+        return {"files": files}
+    stored = {tuple(k.split("/")): np.dtype(v["dtype"]) for k, v in manifest["leaves"].items()}
+    rows = _leaf_rows(cfg)
+    if set(stored) != set(rows):
+        raise CheckpointError(
+            f"{src}: leaves {sorted('/'.join(p) for p in set(stored) ^ set(rows))} do not match "
+            "its config.json; re-create the checkpoint."
+        )
+    out_dtypes = {p: dtype or d for p, d in stored.items()}
+    total = sum(
+        int(np.prod(v["shape"])) * out_dtypes[tuple(k.split("/"))].itemsize
+        for k, v in manifest["leaves"].items()
+    )
+    bar = _Progress(total, "orbax-to-hf", progress)
+    files = _write_hf(
+        cfg, dst, ckpt.iter_param_pieces(src), out_dtypes, max_shard_size, overwrite, bar
+    )
+    return bar.summary(src=src, dst=os.path.abspath(os.fspath(dst)), shards=len(files))
+
+
+# ============================================================================ dense -> loop fold
+# The LoopCoder report initialises a loop model from a dense checkpoint. Each strategy maps
+# output layer i of the L-layer shared stack to the dense layers whose (float32) mean it takes;
+# D is the dense depth and k = D // L.
+def _fold_first(dense_layers: int, num_layers: int) -> list[list[int]]:
+    return [[i] for i in range(num_layers)]
+
+
+def _fold_average(dense_layers: int, num_layers: int) -> list[list[int]]:
+    k = dense_layers // num_layers
+    return [[i + j * num_layers for j in range(k)] for i in range(num_layers)]
+
+
+def _fold_average_adjacent(dense_layers: int, num_layers: int) -> list[list[int]]:
+    k = dense_layers // num_layers
+    return [[i * k + j for j in range(k)] for i in range(num_layers)]
+
+
+def _fold_stride(dense_layers: int, num_layers: int) -> list[list[int]]:
+    k = dense_layers // num_layers
+    return [[i * k] for i in range(num_layers)]
+
+
+FOLD_STRATEGIES = {
+    # layers 0..L-1 (the bottom of the dense stack); the top D-L layers are dropped.
+    "first": _fold_first,
+    # layer i = mean of layers i, i+L, ..., i+(k-1)L: each position of the loop averages the
+    # dense layers that a k-times-looped L stack would run at that depth (needs L | D).
+    "average": _fold_average,
+    # layer i = mean of the k consecutive layers k*i .. k*i+k-1 (needs L | D).
+    "average-adjacent": _fold_average_adjacent,
+    # layer i = layer k*i: every k-th layer (needs L | D).
+    "stride": _fold_stride,
+}
+
+
+def fold_sources(strategy: str, dense_layers: int, num_layers: int) -> list[list[int]]:
+    """For each of the `num_layers` output layers, the dense layer indices it averages."""
+    if strategy not in FOLD_STRATEGIES:
+        raise CheckpointError(
+            f"Unknown fold strategy {strategy!r}; choose {list(FOLD_STRATEGIES)}."
+        )
+    if not 1 <= num_layers <= dense_layers:
+        raise CheckpointError(
+            f"num_layers={num_layers} must be between 1 and the dense depth {dense_layers}."
+        )
+    if strategy != "first" and dense_layers % num_layers:
+        raise CheckpointError(
+            f"strategy {strategy!r} needs num_layers ({num_layers}) to divide the dense depth "
+            f"({dense_layers}); pick a divisor or use strategy 'first'."
+        )
+    return FOLD_STRATEGIES[strategy](dense_layers, num_layers)
+
+
+def _mean_layers(layers: list[np.ndarray], dtype) -> np.ndarray:
+    if len(layers) == 1:
+        return layers[0].astype(dtype, copy=False)
+    acc = np.zeros(layers[0].shape, np.float32)
+    for x in layers:
+        acc += x.astype(np.float32)
+    return (acc / len(layers)).astype(dtype)
+
+
+def _folded_config(dense_cfg: ModelConfig, num_layers, loop_num, loop_window_size) -> ModelConfig:
+    if dense_cfg.has_gate:
+        raise CheckpointError(
+            f"the source has loop_num={dense_cfg.loop_num} (gate tensors): fold needs a dense "
+            "(loop_num=1) checkpoint."
+        )
+    return dense_cfg.replace(
+        num_hidden_layers=num_layers,
+        loop_num=loop_num,
+        loop_window_size=loop_window_size or dense_cfg.loop_window_size,
+    )
+
+
+def _gate_leaves(cfg: ModelConfig, gate_init: float, dtype):
+    """Gate params of a fresh loop model: Wg = 0, bg = gate_init, so g = sigmoid(gate_init)."""
+    L, n, h = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    return {
+        ("layers", "self_attn", "loop_gate", "kernel"): np.zeros((L, n, h), dtype),
+        ("layers", "self_attn", "loop_gate", "bias"): np.full((L, n), gate_init, dtype),
+    }
+
+
+def fold_dense_to_loop(
+    dense_cfg: ModelConfig,
+    dense_params,
+    strategy: str,
+    num_layers: int,
+    loop_num: int = 2,
+    gate_init: float = 0.0,
+    loop_window_size: int | None = None,
+) -> tuple[ModelConfig, dict]:
+    """Initialises a loop model from dense (loop_num=1) params (see `FOLD_STRATEGIES`).
+
+    Embedding, final norm and lm_head are copied. Gate weights start at 0 and biases at
+    `gate_init`, so every head starts with g = sigmoid(gate_init) (0.0 -> 0.5, the official
+    init: an even mix of global and local attention). Returns (loop ModelConfig, numpy params).
+    """
+    cfg = _folded_config(dense_cfg, num_layers, loop_num, loop_window_size)
+    sources = fold_sources(strategy, dense_cfg.num_hidden_layers, num_layers)
+    out: dict = {}
+    for leaf_path, (_, _, stacked) in _leaf_rows(dense_cfg).items():
+        leaf = np.asarray(_get(dense_params, leaf_path))
+        if stacked:
+            leaf = np.stack([_mean_layers([leaf[j] for j in src], leaf.dtype) for src in sources])
+        _set(out, leaf_path, leaf)
+    if cfg.has_gate:
+        dtype = np.asarray(_get(dense_params, ("norm", "scale"))).dtype
+        for leaf_path, leaf in _gate_leaves(cfg, gate_init, dtype).items():
+            _set(out, leaf_path, leaf)
+    return cfg, out
+
+
+def fold_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    strategy: str,
+    num_layers: int,
+    loop_num: int = 2,
+    gate_init: float = 0.0,
+    loop_window_size: int | None = None,
+    dtype=None,
+    overwrite: bool = False,
+    piece_bytes: int = ckpt.DEFAULT_GROUP_BYTES,
+    progress: bool = False,
+) -> dict:
+    """`fold_dense_to_loop` from a dense HF checkpoint to an Orbax params checkpoint, streaming.
+
+    Reads only the dense layers each output slab needs. A params-only Orbax source is loaded
+    whole (host memory = the dense model), then folded.
+    """
+    src = os.fspath(src)
+    if os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)):
+        dense_cfg, params = ckpt.load_params(src)
+        cfg, folded = fold_dense_to_loop(
+            dense_cfg,
+            jax_to_numpy(params),
+            strategy,
+            num_layers,
+            loop_num,
+            gate_init,
+            loop_window_size,
+        )
+        start = time.perf_counter()
+        ckpt.save_params(dst, cfg, _cast_tree(folded, _as_dtype(dtype)), overwrite=overwrite)
+        return {"seconds": round(time.perf_counter() - start, 3), "dst": os.path.abspath(dst)}
+    dense_cfg, reader, stored = open_hf_checkpoint(src)
+    dtype = _as_dtype(dtype) or stored
+    cfg = _folded_config(dense_cfg, num_layers, loop_num, loop_window_size)
+    cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
+    sources = fold_sources(strategy, dense_cfg.num_hidden_layers, num_layers)
+    total = sum(i.nbytes for i in reader.infos.values())
+    bar = _Progress(total, "fold", progress)
+    with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
+        for name, path, tr in global_rows(cfg):
+            leaf = np.empty(tr.flax_shape(cfg), dtype)
+            _fill_flax(leaf, reader.read(name), tr)
+            w.add(path, leaf, shape=leaf.shape)
+            bar.update(name, leaf.size * stored.itemsize, 1)
+        for name, path, tr in _LAYER_ROWS:
+            full = (num_layers, *tr.flax_shape(cfg))
+            step = ckpt.layers_per_piece(full, dtype.itemsize, piece_bytes)
+            for start in range(0, num_layers, step):
+                piece = np.empty((min(step, num_layers - start), *full[1:]), dtype)
+                for j in range(piece.shape[0]):
+                    layers = []
+                    for d in sources[start + j]:
+                        x = np.empty(full[1:], stored)
+                        _fill_flax(x, reader.read(name.format(i=d)), tr)
+                        layers.append(x)
+                    piece[j] = _mean_layers(layers, dtype)
+                    bar.update(name, sum(x.nbytes for x in layers), len(layers))
+                w.add(("layers", *path), piece, shape=full, start=start)
+        if cfg.has_gate:
+            for leaf_path, leaf in _gate_leaves(cfg, gate_init, dtype).items():
+                w.add(leaf_path, leaf, shape=leaf.shape, start=0)
+    return bar.summary(src=src, dst=w.path, strategy=strategy, sources=sources)
+
+
+def jax_to_numpy(tree):
+    """Host numpy copy of a params tree (leaf by leaf)."""
+    if isinstance(tree, Mapping):
+        return {k: jax_to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def _cast_tree(tree, dtype):
+    if dtype is None:
+        return tree
+    if isinstance(tree, Mapping):
+        return {k: _cast_tree(v, dtype) for k, v in tree.items()}
+    return np.asarray(tree).astype(dtype)
+
+
+# ============================================================================ CLI
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.convert",
+        description="Convert LoopCoder / IQuest-Coder weights between Hugging Face safetensors "
+        "and loopcoder-jax Orbax params checkpoints (no torch needed). See docs/conversion.md.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, dst_kind):
+        sp.add_argument("src")
+        sp.add_argument("dst", help=f"output directory ({dst_kind}); must not exist")
+        sp.add_argument(
+            "--dtype",
+            choices=list(DTYPE_NAMES),
+            default=None,
+            help="cast the weights (default: keep the stored dtype)",
+        )
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser("hf-to-orbax", help="HF safetensors dir -> Orbax params checkpoint")
+    common(a, "Orbax params checkpoint")
+    a.add_argument(
+        "--piece-mb",
+        type=int,
+        default=ckpt.DEFAULT_GROUP_BYTES >> 20,
+        help="host memory per write: layer slabs saved in Orbax groups of this size",
+    )
+    b = sub.add_parser("orbax-to-hf", help="Orbax params checkpoint -> HF safetensors dir")
+    common(b, "HF checkpoint")
+    b.add_argument("--max-shard-size", default="5GB", help='e.g. "5GB", "500MB"')
+    f = sub.add_parser("fold", help="dense checkpoint (HF or Orbax) -> loop model (Orbax)")
+    common(f, "Orbax params checkpoint")
+    f.add_argument("--strategy", choices=list(FOLD_STRATEGIES), required=True)
+    f.add_argument("--num-layers", type=int, required=True, help="layers L of the shared stack")
+    f.add_argument("--loop-num", type=int, default=2)
+    f.add_argument(
+        "--gate-init",
+        type=float,
+        default=0.0,
+        help="initial gate bias: g = sigmoid(gate_init); 0 = official init (0.5)",
+    )
+    f.add_argument("--loop-window-size", type=int, default=None)
+    f.add_argument("--piece-mb", type=int, default=ckpt.DEFAULT_GROUP_BYTES >> 20)
+    return p
+
+
+def main(argv=None) -> int:
+    """Console entry point (`loopcoder-convert`, `python -m loopcoder_jax.convert`)."""
+    import json
+    import sys
+
+    args = _parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.command == "hf-to-orbax":
+            out = hf_to_orbax(
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                piece_bytes=args.piece_mb << 20,
+                progress=progress,
+            )
+        elif args.command == "orbax-to-hf":
+            out = orbax_to_hf(
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                max_shard_size=args.max_shard_size,
+                progress=progress,
+            )
+        else:
+            out = fold_checkpoint(
+                args.src,
+                args.dst,
+                strategy=args.strategy,
+                num_layers=args.num_layers,
+                loop_num=args.loop_num,
+                gate_init=args.gate_init,
+                loop_window_size=args.loop_window_size,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                piece_bytes=args.piece_mb << 20,
+                progress=progress,
+            )
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
