@@ -437,19 +437,19 @@ def resolve_params_item(path: str) -> str:
     )
 
 
-class _FrozenIteratorState:
-    """The data iterator's state captured at save time.
+class _FrozenState:
+    """A JSON-able data-iterator state, fixed at save time, shaped for grain's Orbax handler.
 
-    Saves may finish asynchronously while training (and the iterator) moves on; grain's
-    handler would read the live iterator's state too late.
+    Saves finish asynchronously while training (and the iterator) moves on, so the handler
+    must not read the live iterator. grain's handler writes one file per process
+    (`process_<i>-of-<n>.json`).
     """
 
-    def __init__(self, iterator):
-        state = iterator.get_state()
-        self._state = state if isinstance(state, bytes) else json.dumps(state).encode()
+    def __init__(self, state):
+        self._bytes = json.dumps(state).encode()
 
     def get_state(self) -> bytes:
-        return self._state
+        return self._bytes
 
 
 class TrainCheckpointer:
@@ -457,9 +457,10 @@ class TrainCheckpointer:
     opt_state, data, meta}.
 
     params and opt_state are sharded Orbax trees (restorable onto any mesh: pass the target
-    shardings), data is the grain iterator state (one file per process), meta is JSON (step,
-    and anything the caller adds). Saves are asynchronous when `async_save`; at most `keep`
-    steps are kept. Every process must call `save`/`restore` (collective in multi-host runs).
+    shardings); data holds each process's data-iterator state (grain's handler, one JSON file
+    per process); meta is JSON (step and whatever the caller adds). Saves are asynchronous
+    when `async_save`; the last `keep` steps are kept; a step directory appears under its
+    final name only once complete. Every process must call `save`/`restore` (collective).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
@@ -475,8 +476,14 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, *, data_iterator=None, meta=None) -> None:
-        """Starts saving `state` (a TrainState) as `step`; returns before the write finishes."""
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state, *, data_state=None, meta=None) -> None:
+        """Starts saving `state` (a TrainState) as `step`; returns before the write finishes.
+
+        data_state: this process's JSON-able data-iterator state (each process passes its own).
+        """
         import grain
 
         items = {
@@ -484,43 +491,47 @@ class TrainCheckpointer:
             OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
             META_ITEM: ocp.args.JsonSave({"step": int(step), **(meta or {})}),
         }
-        if data_iterator is not None:
-            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
+        if data_state is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenState(data_state))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state, *, data_iterator=None):
+    def restore(self, step: int, abstract_state):
         """Restores `step` onto the shardings carried by `abstract_state`'s leaves.
 
         abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with `.sharding` set (any
         mesh, not necessarily the one the checkpoint was written from).
-        data_iterator: restored in place when given.
         Returns (TrainState, meta dict).
         """
-        import grain
-
         items = {
             PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
             OPT_STATE_ITEM: ocp.args.StandardRestore(abstract_state.opt_state),
             META_ITEM: ocp.args.JsonRestore(),
         }
-        if data_iterator is not None:
-            step_dir = os.path.join(self.directory, str(step), DATA_ITEM)
-            if not os.path.isdir(step_dir):
-                raise CheckpointNotFoundError(
-                    f"Checkpoint step {step} in {self.directory} has no data-iterator state; "
-                    "it cannot resume the data stream exactly. Start a new run dir, or use "
-                    "--init-from to start from its params."
-                )
-            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        step_arr = jnp.asarray(step, jnp.int32)
+        if getattr(abstract_state.step, "sharding", None) is not None:
+            step_arr = jax.device_put(step_arr, abstract_state.step.sharding)
         state = abstract_state.replace(
-            step=jnp.asarray(step, jnp.int32),
-            params=out[PARAMS_ITEM],
-            opt_state=out[OPT_STATE_ITEM],
+            step=step_arr, params=out[PARAMS_ITEM], opt_state=out[OPT_STATE_ITEM]
         )
-        if hasattr(abstract_state.step, "sharding") and abstract_state.step.sharding is not None:
-            state = state.replace(step=jax.device_put(state.step, abstract_state.step.sharding))
         return state, dict(out[META_ITEM])
+
+    def data_states(self, step: int) -> list:
+        """The data-iterator states every process saved at `step` (in process order)."""
+        directory = os.path.join(self.step_dir(step), DATA_ITEM)
+        if not os.path.isdir(directory):
+            raise CheckpointNotFoundError(
+                f"Checkpoint {self.step_dir(step)} has no data-iterator state, so the data "
+                "stream cannot resume exactly. Start a new run dir, or pass --init-from with "
+                "this run dir to start from its params."
+            )
+        files = [n for n in os.listdir(directory) if n.startswith("process_")]
+        files.sort(key=lambda n: int(n[len("process_") :].split("-of-")[0]))
+        out = []
+        for name in files:
+            with open(os.path.join(directory, name)) as f:
+                out.append(json.load(f))
+        return out
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""

@@ -556,6 +556,8 @@ class TrainConfig:
     buffer to [B, loss_chunk, V]). nan_policy: "stop" raises on a non-finite loss (naming the
     step and the last good checkpoint); "skip" leaves the state unchanged for that step.
     checkpoint_every: save every N steps (and at the end); keep_checkpoints: keep the last K.
+    data_shards: slices the global batch is read in (one grain iterator each); 0 = one per
+    process. Fixing it makes the data stream independent of the number of processes.
     """
 
     steps: int = 300
@@ -582,8 +584,11 @@ class TrainConfig:
     async_checkpointing: bool = True
     log_every: int = 10
     nan_policy: str = "stop"
+    data_shards: int = 0
 
     def __post_init__(self):
+        if self.data_shards < 0:
+            raise ConfigError(f"train.data_shards must be >= 0, got {self.data_shards}.")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "loss_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import numpy as np
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # ---- weight axes
@@ -111,7 +111,7 @@ def resolve_mesh_shape(axis_sizes: dict[str, int], num_devices: int) -> dict[str
     """Fills the (at most one) -1 axis so the product equals `num_devices`."""
     sizes = {a: int(axis_sizes.get(a, 1)) for a in MESH_AXES}
     known = 1
-    for a, n in sizes.items():
+    for n in sizes.values():
         if n != -1:
             known *= n
     fill = [a for a, n in sizes.items() if n == -1]

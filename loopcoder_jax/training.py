@@ -448,4 +448,3 @@ __all__ = [
     "state_shardings",
     "validate",
 ]
-

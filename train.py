@@ -1,0 +1,102 @@
+"""Train LoopCoder: `python train.py [--config configs/<x>.yaml] [--set section.key=value ...]`.
+
+With no arguments it trains the tiny embedded default (configs/tiny.yaml: the `tiny` preset on
+the corpus shipped in the package) into runs/tiny, resuming if that run has checkpoints.
+Multi-process (several hosts, or several processes on one machine): pass --coordinator,
+--num-processes and --process-id to every process, or --distributed on a TPU pod slice (the
+coordinator is discovered). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-3 --set model.loop_num=1",
+    )
+    p.add_argument("--run-dir", default=None, help="shorthand for --set train.run_dir=DIR")
+    p.add_argument("--steps", type=int, default=None, help="shorthand for --set train.steps=N")
+    p.add_argument(
+        "--init-from", default=None, help="params checkpoint (converter output or a run dir)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    dist = p.add_argument_group("multi-process")
+    dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    dist.add_argument("--num-processes", type=int, default=None)
+    dist.add_argument("--process-id", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def _overrides(args) -> dict[str, str]:
+    out = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    if args.run_dir is not None:
+        out["train.run_dir"] = args.run_dir
+    if args.steps is not None:
+        out["train.steps"] = str(args.steps)
+    if args.init_from is not None:
+        out["train.init_from"] = args.init_from
+    return out
+
+
+def init_distributed(args) -> None:
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if (
+            jax.config.jax_platforms in (None, "", "cpu")
+            or os.environ.get("JAX_PLATFORMS") == "cpu"
+        ):
+            # CPU processes need a collectives backend to talk to each other.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pod / SLURM: discovered from the environment
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    init_distributed(args)
+
+    from loopcoder_jax.config import ConfigError, ExperimentConfig
+    from loopcoder_jax.trainer import TrainingDivergedError, run
+
+    config = args.config or DEFAULT_CONFIG
+    try:
+        exp = ExperimentConfig.from_yaml(config, _overrides(args))
+        run(exp, progress=not args.no_progress)
+    except (ConfigError, TrainingDivergedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # MeshError, DataError, TokenizerError: messages name the fix
+        if type(e).__name__ in ("MeshError", "DataError", "TokenizerError"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
