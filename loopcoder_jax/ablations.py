@@ -9,6 +9,7 @@ dense-to-loop folded init. `BUDGETS` scale every run down to what a runtime affo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -71,7 +72,7 @@ class AblationResult:
     steps: list[int]
     losses: list[float]
     num_params: int
-    seconds: float  # wall time of steps 2..N (step 1 compiles)
+    seconds_per_step: float  # median step time, step 1 (compilation) excluded
     tokens_per_step: int
     param_change: float = math.nan  # global L2 norm of (final params - initial params)
 
@@ -132,12 +133,11 @@ def results_table(
     ]
     for r in results:
         delta = "" if base is None or r.name == baseline else f"{r.final_loss - base:+.3f}"
-        per_step = r.seconds / max(len(r.steps) - 1, 1)
         name = r.name + (f" ({notes[r.name]})" if r.name in notes else "")
         first = r.losses[0] if r.losses else math.nan
         rows.append(
             f"| {name} | {r.num_params:,} | {len(r.steps)} | {first:.3f} | {r.final_loss:.3f} "
-            f"| {delta} | {per_step:.3f} |"
+            f"| {delta} | {r.seconds_per_step:.3f} |"
         )
     return "\n".join(rows)
 
@@ -150,101 +150,214 @@ def load_ablation(config_path: str | os.PathLike, overrides: Mapping[str, str] |
     return ExperimentConfig.from_yaml(config_path, dict(overrides or {}))
 
 
-def run_ablation(
-    name: str,
-    config_path: str | os.PathLike,
-    overrides: Mapping[str, str] | None = None,
-    *,
-    save_params: bool = True,
-    devices=None,
-) -> AblationResult:
-    """Trains one ablation in-process and returns its per-step losses.
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """RUN/metrics.jsonl records (one per step), the last record of each step kept."""
+    by_step = {}
+    with open(os.path.join(os.fspath(run_dir), "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
 
-    The same pieces as `train.py` (mesh, rules, `training.make_train_step`, the grain pipeline,
-    `train.init_from`), without the run-loop extras (periodic checkpoints, TensorBoard): an
-    ablation needs the loss of every step, not a resumable run. With `save_params` the final
-    params are written as a params-only checkpoint to `train.run_dir` (the dense source of the
-    folded init is read back from there). `devices` restricts the mesh to some devices
-    (default: all).
-    """
-    import time
 
+def _initial_params(exp):
+    """The params `trainer.run` starts from (same key / same checkpoint), as numpy."""
     import jax
     import numpy as np
 
     from loopcoder_jax import checkpoint, training
     from loopcoder_jax import sharding as sh
-    from loopcoder_jax.data import load_tokenizer, make_train_iterator
+
+    if exp.train.init_from:
+        _, params = checkpoint.load_params(exp.train.init_from, dtype=exp.runtime.param_dtype)
+    else:
+        model = training.experiment_model(exp.model, exp.runtime)
+        mesh, rules = sh.make_mesh(exp.mesh), sh.get_rules(exp.mesh.rules)
+        init = training.make_init_fn(model, training.make_optimizer(exp.train), mesh, rules)
+        params = init(jax.random.key(exp.train.seed)).params
+    return jax.tree.map(np.asarray, params)
+
+
+def run_ablation(
+    name: str,
+    config_path: str | os.PathLike,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    progress: bool = False,
+    measure_param_change: bool = False,
+) -> AblationResult:
+    """Trains one ablation in-process with `trainer.run` (the loop behind `train.py`).
+
+    The run dir (`train.run_dir`) gets everything a training run writes: config, metrics.jsonl,
+    TensorBoard, the final checkpoint. A finished run dir is resumed, i.e. not retrained: its
+    losses are read back from metrics.jsonl. `measure_param_change` also rebuilds the initial
+    params (one extra init compile) to report how far training moved them.
+    """
+    import jax
+    import numpy as np
+
+    from loopcoder_jax import checkpoint, trainer
 
     exp = load_ablation(config_path, overrides)
-    tc = exp.train
-    model = training.experiment_model(exp.model, exp.runtime)
-    mesh = sh.make_mesh(exp.mesh, devices)
-    rules = sh.get_rules(exp.mesh.rules)
-    training.validate(model, mesh, rules, tc)
-    optimizer = training.make_optimizer(tc)
-    if tc.init_from:
-        src_cfg, params = checkpoint.load_params(tc.init_from)
-        if src_cfg != exp.model:
-            raise ValueError(
-                f"{name}: train.init_from={tc.init_from} holds a model config that differs from "
-                f"this ablation's model section:\n  checkpoint: {src_cfg}\n  ablation:   "
-                f"{exp.model}\nFold / convert the source to the ablation's architecture."
-            )
-        _, state_sh = training.state_shardings(model, optimizer, mesh, rules)
-        params = jax.device_put(params, state_sh.params)
-        state = training.make_state_from_params(model, optimizer, mesh, rules)(params)
-    else:
-        state = training.make_init_fn(model, optimizer, mesh, rules)(jax.random.key(tc.seed))
-    initial = jax.tree.map(np.asarray, state.params)
-    tokenizer = load_tokenizer(exp.data.tokenizer)
-    batches = make_train_iterator(
-        exp.data,
-        tokenizer=tokenizer,
-        seq_len=tc.seq_len,
-        batch_size=tc.batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=tc.seed,
-    )
-    step_fn = training.make_train_step(model, optimizer, mesh, rules, train_cfg=tc)
-    steps, losses = [], []
-    start = time.perf_counter()
-    for i in range(tc.steps):
-        if i == 1:  # step 1 includes compilation; time the steady state
-            start = time.perf_counter()
-        state, metrics = step_fn(state, training.shard_batch(next(batches), mesh, rules))
-        steps.append(i + 1)
-        losses.append(float(metrics["loss"]))  # syncs every step: fine at ablation scale
-    seconds = time.perf_counter() - start
-    final = jax.tree.map(np.asarray, state.params)
-    pairs = zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True)
-    result = AblationResult(
+    initial = _initial_params(exp) if measure_param_change else None
+    summary = trainer.run(exp, progress=progress)
+    records = read_metrics(summary.run_dir)
+    change = math.nan
+    if initial is not None:
+        _, final = checkpoint.load_params(summary.run_dir)
+        pairs = zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True)
+        change = math.sqrt(sum(float(np.sum((np.asarray(a) - b) ** 2)) for a, b in pairs))
+    times = sorted(r["step_time_s"] for r in records[1:]) or [math.nan]
+    from loopcoder_jax.checkpoint import abstract_params
+
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
+    return AblationResult(
         name=name,
-        steps=steps,
-        losses=losses,
-        num_params=training.count_params(final),
-        seconds=seconds,
-        tokens_per_step=tc.batch_size * tc.seq_len,
-        param_change=math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in pairs)),
+        steps=[r["step"] for r in records],
+        losses=[r["loss"] for r in records],
+        num_params=n_params,
+        seconds_per_step=times[len(times) // 2],
+        tokens_per_step=exp.train.batch_size * exp.train.seq_len,
+        param_change=change,
     )
-    if save_params:
-        checkpoint.save_params(tc.run_dir, exp.model, final, overwrite=True)
-    return result
 
 
 def make_folded_init(
-    dense_dir: str | os.PathLike, out_dir: str | os.PathLike, loop_num: int = 2, **fold_kwargs
+    dense_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    loop_num: int = 2,
+    strategy: str = "average",
+    loop_window_size: int | None = None,
 ) -> str:
-    """Folds a dense params checkpoint (2L layers) into a loop_num-loop L-layer init.
+    """Folds a dense run / params checkpoint (2L layers) into an L-layer loop model's init.
 
-    Thin wrapper over `convert.fold_dense_to_loop` (the same code as
-    `python -m loopcoder_jax.convert fold`); writes a params-only checkpoint, returns its path.
+    Uses `convert.fold_dense_to_loop` (the code behind `python -m loopcoder_jax.convert fold`):
+    with "average", shared layer i is the mean of dense layers i, i + L, ... (the dense layers
+    a looped stack runs at the same depths); gates start at g = 0.5.
+    Writes a params-only checkpoint (`train.init_from` reads it) and returns its path.
     """
+    import jax
+    import numpy as np
+
     from loopcoder_jax import checkpoint, convert
 
     dense_cfg, dense_params = checkpoint.load_params(dense_dir)
+    dense_params = jax.tree.map(np.asarray, dense_params)
     cfg, params = convert.fold_dense_to_loop(
-        dense_cfg, dense_params, loop_num=loop_num, **fold_kwargs
+        dense_cfg,
+        dense_params,
+        strategy,
+        dense_cfg.num_hidden_layers // loop_num,
+        loop_num=loop_num,
+        loop_window_size=loop_window_size,
     )
     return checkpoint.save_params(out_dir, cfg, params, overwrite=True)
+
+
+def run_all(
+    names: Sequence[str],
+    budget: str,
+    out_dir: str | os.PathLike,
+    *,
+    config_dir: str | os.PathLike | None = None,
+    extra_overrides: Mapping[str, str] | None = None,
+    progress: bool = False,
+    measure_param_change: bool = False,
+) -> list[AblationResult]:
+    """Trains `names` at `budget` under OUT/runs/<name>, folding the dense source when needed.
+
+    `folded_init` needs `dense_4layer` trained first: it is added (and trained first) if
+    missing; its folded params go to OUT/runs/dense_4layer_folded.
+    """
+    configs = ablation_configs(config_dir)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise ValueError(f"Unknown ablations {unknown}; available: {sorted(configs)}.")
+    names = list(names)
+    if FOLDED in names and FOLD_SOURCE not in names:
+        names.insert(0, FOLD_SOURCE)
+    if FOLDED in names:  # the dense source must be trained before the fold
+        names.remove(FOLD_SOURCE)
+        names.insert(names.index(FOLDED), FOLD_SOURCE)
+    run_root = os.path.join(os.path.abspath(os.fspath(out_dir)), "runs")
+    results = []
+    for name in names:
+        overrides = budget_overrides(budget, run_root, name)
+        overrides.update(extra_overrides or {})
+        if name == FOLDED:
+            target = load_ablation(configs[name], overrides)
+            overrides["train.init_from"] = make_folded_init(
+                os.path.join(run_root, FOLD_SOURCE),
+                os.path.join(run_root, FOLD_SOURCE + "_folded"),
+                loop_num=target.model.loop_num,
+                loop_window_size=target.model.loop_window_size,
+            )
+        results.append(
+            run_ablation(
+                name,
+                configs[name],
+                overrides,
+                progress=progress,
+                measure_param_change=measure_param_change,
+            )
+        )
+    return results
+
+
+def save_results(results: Sequence[AblationResult], path: str | os.PathLike) -> None:
+    with open(os.fspath(path), "w") as f:
+        json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+
+
+def load_results(path: str | os.PathLike) -> list[AblationResult]:
+    with open(os.fspath(path)) as f:
+        return [AblationResult(**r) for r in json.load(f)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.ablations",
+        description="Train ablation configs (configs/ablations) and plot/tabulate the results.",
+    )
+    p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
+    p.add_argument("--configs", default="all", help="comma-separated names, or 'all'")
+    p.add_argument("--config-dir", default=None)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--measure-param-change", action="store_true")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    names = list(ablation_configs(args.config_dir))
+    if args.configs != "all":
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        extra[key] = value
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = run_all(
+        names,
+        args.budget,
+        args.out_dir,
+        config_dir=args.config_dir,
+        extra_overrides=extra,
+        progress=True,
+        measure_param_change=args.measure_param_change,
+    )
+    save_results(results, os.path.join(args.out_dir, "results.json"))
+    plot_curves(results, os.path.join(args.out_dir, "ablation_curves.png"), title=args.title)
+    table = results_table(results)
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
