@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 # "accelerator" a Colab GPU/TPU runtime (minutes per config).
 BUDGETS: dict[str, dict[str, int]] = {
     "tiny": {"steps": 3, "batch_size": 2, "seq_len": 64, "warmup_steps": 1},
-    "cpu": {"steps": 150, "batch_size": 8, "seq_len": 128, "warmup_steps": 15},
+    "cpu": {"steps": 100, "batch_size": 8, "seq_len": 128, "warmup_steps": 10},
     "accelerator": {"steps": 1000, "batch_size": 32, "seq_len": 256, "warmup_steps": 50},
 }
 
@@ -209,9 +209,8 @@ def run_ablation(
         pairs = zip(jax.tree.leaves(final), jax.tree.leaves(initial), strict=True)
         change = math.sqrt(sum(float(np.sum((np.asarray(a) - b) ** 2)) for a, b in pairs))
     times = sorted(r["step_time_s"] for r in records[1:]) or [math.nan]
-    from loopcoder_jax.checkpoint import abstract_params
-
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
+    abstract = checkpoint.abstract_params(exp.model, exp.runtime)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
     return AblationResult(
         name=name,
         steps=[r["step"] for r in records],
