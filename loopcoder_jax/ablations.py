@@ -94,28 +94,60 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(results: Sequence[AblationResult], path: str | os.PathLike, title: str = "") -> str:
-    """Loss curves (raw, faint; smoothed, solid) of all results into one PNG; returns the path."""
+def plot_curves(
+    results: Sequence[AblationResult],
+    path: str | os.PathLike,
+    title: str = "",
+    baseline: str = "loop2",
+) -> str:
+    """Loss curves into one PNG; returns the path.
+
+    Left: every run (smoothed, solid; raw, faint). Right (when `baseline` is among the
+    results): each run's smoothed loss minus the baseline's at the same step, where the small
+    effects are visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    base = next((r for r in results if r.name == baseline), None)
+    ncols = 2 if base is not None and len(results) > 1 else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(8 * ncols, 5.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    styles = ("-", "--", "-.", ":")
     window = max(1, max((len(r.losses) for r in results), default=1) // 15)
-    for r in results:
-        (line,) = ax.plot(r.steps, smooth(r.losses, window), label=r.name, linewidth=1.6)
-        ax.plot(r.steps, r.losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+    smoothed = {r.name: smooth(r.losses, window) for r in results}
+    ax = axes[0, 0]
+    for i, r in enumerate(results):
+        style = dict(color=colors[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[i % 4])
+        ax.plot(r.steps, smoothed[r.name], label=r.name, linewidth=1.6, **style)
+        ax.plot(r.steps, r.losses, alpha=0.15, linewidth=0.8, color=style["color"])
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (moving average over {window} steps)")
-    ax.set_title(title or "LoopCoder ablations")
+    ax.set_title(title or "LoopCoder ablations", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    if ncols == 2:
+        ax = axes[0, 1]
+        ref = dict(zip(base.steps, smoothed[baseline], strict=True))
+        for i, r in enumerate(results):
+            style = dict(color=colors[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[i % 4])
+            pts = [
+                (s, v - ref[s]) for s, v in zip(r.steps, smoothed[r.name], strict=True) if s in ref
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=r.name, linewidth=1.4, **style)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"smoothed loss minus {baseline} (lower is better)")
+        ax.set_title(f"difference to {baseline}", fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
     return path
