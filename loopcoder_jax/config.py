@@ -464,6 +464,7 @@ class DataConfig:
       (`<|fim_prefix|>pre<|fim_suffix|>suf<|fim_middle|>mid<|im_end|>`, DESIGN.md §4).
     worker_count: grain worker processes for reading + tokenizing (0 = in the main process,
       the right choice on small hosts; malformed-record counters then live in this process).
+    read_threads: threads reading + tokenizing ahead of the consumer (in each process).
     startup_check_records: records read from the start of each source file before training to
       catch a wrong path, field name or format at once instead of mid-run.
     """
@@ -481,6 +482,7 @@ class DataConfig:
     split_long: str = "always"
     fim_rate: float = 0.0
     worker_count: int = 0
+    read_threads: int = 2
     startup_check_records: int = 1000
 
     def __post_init__(self):
@@ -502,6 +504,8 @@ class DataConfig:
             raise ConfigError(f"data.num_epochs={self.num_epochs}; use an integer >= 1 or null.")
         if self.worker_count < 0 or self.startup_check_records < 0:
             raise ConfigError("data.worker_count and data.startup_check_records must be >= 0.")
+        if self.read_threads < 1:
+            raise ConfigError(f"data.read_threads={self.read_threads} must be >= 1.")
 
     def replace(self, **changes) -> DataConfig:
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,18 @@
 from loopcoder_jax.data import load_tokenizer, make_train_iterator
 """
 
-from loopcoder_jax.data.pipeline import (
+import warnings
+
+# `python -m loopcoder_jax.data.tokenizer` (and `.pipeline`) import this package, which has
+# already imported the module being run; runpy then warns about it. The re-exports below are
+# intended, so the warning is noise for these two CLIs only.
+warnings.filterwarnings(
+    "ignore",
+    message=r"'loopcoder_jax\.data\.(tokenizer|pipeline)' found in sys\.modules",
+    category=RuntimeWarning,
+)
+
+from loopcoder_jax.data.pipeline import (  # noqa: E402
     DataError,
     DataStats,
     data_stats,
@@ -13,7 +24,7 @@ from loopcoder_jax.data.pipeline import (
     orbax_save_args,
     restore_iterator_state,
 )
-from loopcoder_jax.data.tokenizer import (
+from loopcoder_jax.data.tokenizer import (  # noqa: E402
     SPECIAL_TOKENS,
     Tokenizer,
     TokenizerError,

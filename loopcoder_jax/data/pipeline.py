@@ -35,12 +35,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import grain
 import numpy as np
+from absl import flags as absl_flags
 
 from loopcoder_jax.config import DataConfig
 from loopcoder_jax.data.tokenizer import Tokenizer, TokenizerError
@@ -101,6 +102,13 @@ class DataStats:
         elif n & (n - 1) == 0:  # powers of two: a growing problem stays visible, logs stay short
             log.warning("data: %s", self.summary())
 
+    def __getstate__(self):  # grain worker processes get their own counters
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def summary(self) -> str:
         with self._lock:
             total = self.records_ok + self.records_bad
@@ -153,17 +161,23 @@ def resolve_sources(patterns: Sequence[str]) -> list[str]:
 class _JsonlFile:
     """Random access to the non-blank lines of a JSONL file through a byte-offset index."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, chunk_bytes: int = 1 << 26):
         self.path = path
+        # One pass in bounded memory; the index costs 16 bytes per line. (For very large
+        # corpora prefer ArrayRecord: it is indexed natively and needs no scan.)
+        ends, size = [], 0
         with open(path, "rb") as f:
-            data = np.fromfile(f, dtype=np.uint8)
-        ends = np.flatnonzero(data == ord("\n"))
-        if len(data) and data[-1] != ord("\n"):
-            ends = np.append(ends, len(data))  # last line without a newline
-        starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, np.int64)
-        # Blank lines (also "\r" alone) are not records: JSONL writers often end with one.
+            while chunk := f.read(chunk_bytes):
+                ends.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+                size += len(chunk)
+                last = chunk[-1]
+        ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        if size and last != 10:
+            ends = np.append(ends, size)  # last line without a newline
+        starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else ends
+        # Blank lines are not records (JSONL writers often end with one); a line of spaces is
+        # kept and reported as malformed.
         keep = (ends - starts) > 0
-        keep &= ~(((ends - starts) == 1) & (data[np.minimum(starts, max(len(data) - 1, 0))] == 13))
         self.line_numbers = np.flatnonzero(keep) + 1  # 1-based, as editors show them
         self.starts = starts[keep]
         self.ends = ends[keep]
@@ -383,8 +397,9 @@ class _PackIterator(grain.DatasetIterator):
     restore re-reads that one document and skips its emitted tokens: exact, and tiny to save.
     """
 
-    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str):
+    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str, stream_id: str):
         super().__init__(parent)
+        self._stream_id = stream_id
         self._seq_len = seq_len
         self._pad_id = pad_id
         self._split_long = split_long
@@ -432,10 +447,20 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         if self._carry is None:
-            return {"parent": self._parent.get_state(), "offset": 0, "pending": False}
-        return {"parent": self._carry_state, "offset": self._offset, "pending": True}
+            state = {"parent": self._parent.get_state(), "offset": 0, "pending": False}
+        else:
+            state = {"parent": self._carry_state, "offset": self._offset, "pending": True}
+        return {**state, "stream": self._stream_id}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("stream", self._stream_id)
+        if saved != self._stream_id:
+            raise DataError(
+                f"The data-iterator state was saved for a different record stream ({saved}) "
+                f"than this one ({self._stream_id}): the data, the process layout or the data "
+                "seed/shuffle/tokenizer changed, so its position means other records here. "
+                "Restore with the same data config and process count, or start a new run."
+            )
         self._parent.set_state(state["parent"])
         self._carry, self._offset = None, 0
         if state["pending"]:
@@ -445,12 +470,13 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, split_long: str):
+    def __init__(self, parent, seq_len: int, pad_id: int, split_long: str, stream_id: str):
         super().__init__(parent)
-        self._seq_len, self._pad_id, self._split_long = seq_len, pad_id, split_long
+        self._args = (seq_len, pad_id, split_long, stream_id)
+        self._seq_len, self._split_long = seq_len, split_long
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(iter(self._parent), self._seq_len, self._pad_id, self._split_long)
+        return _PackIterator(iter(self._parent), *self._args)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._seq_len}, split_long={self._split_long})"
@@ -464,23 +490,28 @@ def _startup_check(cfg: DataConfig, source: RecordSource, encoder: _Encoder) -> 
             f"data sources {source.paths} hold no records (empty files). Point data.sources at "
             "JSONL/ArrayRecord files with one JSON object per line/record."
         )
-    probe = dataclasses.replace(encoder, stats=DataStats(quiet=True))
-    if True:
-        for file_index, f in enumerate(source.files):
-            n = min(len(f), cfg.startup_check_records)
-            if n == 0:
-                log.warning("data: %s holds no records; it is ignored.", f.path)
-                continue
-            base = source.offsets[file_index]
-            good = sum(probe(source[base + i]) is not None for i in range(n))
-            if good == 0:
-                first = "; ".join(f"line {ln}: {r}" for _, ln, r in probe.stats.examples[:3])
-                raise DataError(
-                    f"none of the first {n} records of {f.path} is usable ({first}). Check "
-                    f"the format: JSON objects with a string {cfg.text_field!r} field, or a "
-                    f"{cfg.messages_field!r} list of {{role, content}} messages (set "
-                    "data.text_field / data.messages_field / data.record_format to match)."
-                )
+    if cfg.startup_check_records == 0:
+        return
+    # Many-file corpora: fewer records per file, but always enough to see a broken file.
+    per_file = max(
+        min(16, cfg.startup_check_records), cfg.startup_check_records // len(source.files)
+    )
+    for file_index, f in enumerate(source.files):
+        if len(f) == 0:
+            log.warning("data: %s holds no records; it is ignored.", f.path)
+            continue
+        n = min(len(f), per_file)
+        probe = dataclasses.replace(encoder, stats=DataStats(quiet=True))
+        base = source.offsets[file_index]
+        good = sum(probe(source[base + i]) is not None for i in range(n))
+        if good == 0:
+            first = "; ".join(f"line {ln}: {r}" for _, ln, r in probe.stats.examples[:3])
+            raise DataError(
+                f"none of the first {n} records of {f.path} is usable ({first}). Check "
+                f"the format: JSON objects with a string {cfg.text_field!r} field, or a "
+                f"{cfg.messages_field!r} list of {{role, content}} messages (set "
+                "data.text_field / data.messages_field / data.record_format to match)."
+            )
 
 
 def make_train_iterator(
@@ -517,8 +548,7 @@ def make_train_iterator(
     paths = resolve_sources(data_cfg.sources)
     source = RecordSource(paths)
     stats = DataStats(process_index)
-    encoder = _Encoder(data_cfg, tokenizer.path, paths, stats)
-    encoder._tok = tokenizer
+    encoder = _Encoder(data_cfg, tokenizer.path, paths, stats, _tok=tokenizer)
     _startup_check(data_cfg, source, encoder)
 
     n = len(source)
@@ -537,12 +567,23 @@ def make_train_iterator(
         ds = ds.random_map(encoder, seed=data_seed)
     else:
         ds = ds.map(encoder)
-    # Malformed records map to None, which the iterator skips. Two read threads keep
-    # tokenization ahead of the train step without crowding a small host.
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-    it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long)
+    # Malformed records map to None, which the iterator skips. A few read threads keep
+    # tokenization ahead of the train step, which runs outside the GIL in XLA.
+    read = grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)
+    it_ds = ds.to_iter_dataset(read)
+    # What a saved position refers to: records, this shard, their order, their tokens. (Not
+    # seq_len or batch size: a position is a record + token offset, valid for any row shape.)
+    stream_id = (
+        f"records={n} shard={start}:{stop} seed={data_seed if data_cfg.shuffle else 'none'} "
+        f"epochs={data_cfg.num_epochs} fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}"
+    )
+    it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long, stream_id)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     if data_cfg.worker_count > 0:
+        # grain's worker processes read absl flags; a plain `python train.py` never parses
+        # them, so take the defaults (what an absl app would do with no flags given).
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
     it = iter(it_ds)
     it.data_stats = stats  # counters of this process (of worker processes when worker_count > 0)
@@ -584,10 +625,45 @@ def describe_batch(batch: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-def iterate_numpy(it, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """Up to `num_batches` batches from `it` (for tests and benchmarks)."""
-    for _ in range(num_batches):
-        try:
-            yield next(it)
-        except StopIteration:
-            return
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m loopcoder_jax.data.pipeline --sources FILES`: check data and show batches."""
+    import argparse
+    import sys
+
+    from loopcoder_jax.data.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.pipeline")
+    parser.add_argument("--sources", nargs="*", default=[], help="default: the shipped corpus")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--record-format", default="auto", choices=["auto", "text", "chat"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = DataConfig(
+        sources=tuple(args.sources), tokenizer=args.tokenizer, record_format=args.record_format
+    )
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+        it = make_train_iterator(
+            cfg, tokenizer=tok, seq_len=args.seq_len, batch_size=args.batch_size
+        )
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i in range(args.batches):
+        batch = next(it)
+        print(json.dumps({"batch": i, **describe_batch(batch)}))
+        for row in range(min(args.show, args.batch_size)):
+            seg = batch["segment_ids"][row]
+            for s in range(1, int(seg.max()) + 1):
+                print(f"--- row {row} segment {s} ---")
+                print(tok.decode(batch["input_ids"][row][seg == s]))
+    print(json.dumps(data_stats(it).as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

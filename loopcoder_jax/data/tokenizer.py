@@ -5,7 +5,8 @@ Ids of a model trained here (`train_tokenizer`, and the shipped `assets/tokenize
 Every special token is a single id, also when it appears inside text given to `encode`
 (SentencePiece `user_defined_symbols`), so `encode(apply_chat_template(...))` produces the
 `<|im_start|>` / `<|im_end|>` ids. The released IQuest `tokenizer.model` loads the same way;
-`special_ids` then holds the special tokens that model defines.
+`special_ids` then holds the `<|...|>` tokens that model reserves (user-defined or control pieces;
+`encode`/`decode` treat both as single ids).
 
 CLI:
     python -m loopcoder_jax.data.tokenizer train --input a.jsonl b.txt --vocab-size 32000 \
@@ -20,12 +21,14 @@ import glob
 import io
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -43,6 +46,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
 )
 
+_SPECIAL_PIECE = re.compile(r"<\|[^|<>\s]+\|>")
 SHIPPED_MODEL = "tokenizer.model"  # inside loopcoder_jax/assets/
 
 
@@ -86,11 +90,27 @@ class Tokenizer:
         # A model without a pad piece (e.g. the released one) pads with EOS; padded positions
         # carry loss_mask 0 and segment_id 0, so the id itself never trains anything.
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        # Special tokens: every `<|...|>` piece the model reserves (user-defined or control),
+        # so a released model's own extras are found by name too.
         self.special_ids: dict[str, int] = {}
-        for token in SPECIAL_TOKENS:
-            i = self.sp.PieceToId(token)
-            if i != self.unk_id and self.sp.IdToPiece(i) == token:
-                self.special_ids[token] = i
+        self._control_specials: dict[int, str] = {}  # SentencePiece decodes these to ""
+        proto = sp_model.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        reserved = (proto.SentencePiece.USER_DEFINED, proto.SentencePiece.CONTROL)
+        for i, p in enumerate(proto.pieces):
+            if p.type in reserved and _SPECIAL_PIECE.fullmatch(p.piece):
+                self.special_ids[p.piece] = i
+                if p.type == proto.SentencePiece.CONTROL:
+                    self._control_specials[i] = p.piece
+        # encode() cuts text at special tokens itself: control pieces (how some released models
+        # store them) are never matched inside text by SentencePiece.
+        self._special_re = (
+            re.compile(
+                "(" + "|".join(map(re.escape, sorted(self.special_ids, key=len)[::-1])) + ")"
+            )
+            if self.special_ids
+            else None
+        )
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(
                 f"{self.path} defines no BOS/EOS piece; train it with bos_id/eos_id set (the "
@@ -101,7 +121,7 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-        ids = self.sp.EncodeAsIds(text)
+        ids = self._encode(text)
         if add_bos:
             ids = [self.bos_id, *ids]
         if add_eos:
@@ -109,12 +129,35 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of several texts without BOS/EOS (one C++ call: faster than a Python loop)."""
+        """Ids of several texts without BOS/EOS (one C++ call when none holds a special token)."""
+        if any("<|" in t for t in texts):
+            return [self._encode(t) for t in texts]
         return self.sp.EncodeAsIds(list(texts))
+
+    def _encode(self, text: str) -> list[int]:
+        if self._special_re is None or "<|" not in text:
+            return self.sp.EncodeAsIds(text)
+        ids: list[int] = []
+        for part in self._special_re.split(text):  # odd parts are the special tokens
+            if part in self.special_ids:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids += self.sp.EncodeAsIds(part)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         drop = {self.bos_id, self.eos_id, self.pad_id}
-        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in drop])
+        ids = [int(i) for i in ids if int(i) not in drop]
+        if not any(i in self._control_specials for i in ids):
+            return self.sp.DecodeIds(ids)
+        parts, run = [], []
+        for i in ids:
+            if i in self._control_specials:
+                parts += [self.sp.DecodeIds(run), self._control_specials[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts) + self.sp.DecodeIds(run)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
@@ -261,34 +304,40 @@ def train_tokenizer(
     if next(documents(), None) is None:
         raise TokenizerError(f"No training text found in {paths}.")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=documents(),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=max_sentence_length,
-        user_defined_symbols=specials,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        unk_piece=UNK,
-        bos_piece=BOS,
-        eos_piece=EOS,
-        pad_piece=PAD,
-        num_threads=num_threads,
-        input_sentence_size=max_documents,
-        shuffle_input_sentence=max_documents > 0,
-        seed_sentencepiece_size=1_000_000,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=documents(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=max_sentence_length,
+            user_defined_symbols=specials,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            num_threads=num_threads,
+            input_sentence_size=max_documents,
+            shuffle_input_sentence=max_documents > 0,
+            seed_sentencepiece_size=1_000_000,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+        raise TokenizerError(
+            f"SentencePiece training failed: {e}. With byte fallback the vocab must exceed "
+            f"256 + {4 + len(specials)} reserved ids + the distinct characters of the input."
+        ) from None
     proto = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
