@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--init-from", default=None, help="params checkpoint (converter output or a run dir)"
     )
+    p.add_argument(
+        "--stop-at", type=int, default=None, metavar="STEP",
+        help="checkpoint and exit once this step is reached (resume later with the same config)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     dist = p.add_argument_group("multi-process")
     dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     config = args.config or DEFAULT_CONFIG
     try:
         exp = ExperimentConfig.from_yaml(config, _overrides(args))
-        run(exp, progress=not args.no_progress)
+        run(exp, progress=not args.no_progress, stop_at=args.stop_at)
     except (ConfigError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

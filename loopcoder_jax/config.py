@@ -564,8 +564,8 @@ class TrainConfig:
     process. Fixing it makes the data stream independent of the number of processes.
     """
 
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 200
+    batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3

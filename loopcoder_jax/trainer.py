@@ -233,8 +233,13 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(exp: ExperimentConfig, *, progress: bool = True) -> RunSummary:
-    """Trains `exp` to `train.steps`, resuming from RUN's latest checkpoint if there is one."""
+def run(exp: ExperimentConfig, *, progress: bool = True, stop_at: int | None = None) -> RunSummary:
+    """Trains `exp` to `train.steps`, resuming from RUN's latest checkpoint if there is one.
+
+    stop_at: end this invocation (with a checkpoint) once the step counter reaches it; the
+    run continues later with the same config. (Changing train.steps instead would change the
+    learning-rate schedule, which is a function of train.steps.)
+    """
     from loopcoder_jax.data.tokenizer import load_tokenizer
 
     tc = exp.train
@@ -348,12 +353,13 @@ def run(exp: ExperimentConfig, *, progress: bool = True) -> RunSummary:
                         loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{tps:,.0f}", mfu=mfu
                     )
             preempted = stop.any_process()
-            if step % tc.checkpoint_every == 0 or step == tc.steps or preempted:
+            pause = stop_at is not None and step >= stop_at
+            if step % tc.checkpoint_every == 0 or step == tc.steps or preempted or pause:
                 checkpointer.save(
                     step, state, data_state=batches.get_state(), meta={"loss": m["loss"]}
                 )
                 last_saved = step
-            if preempted:
+            if preempted or pause:
                 break
     finally:
         if bar is not None:
