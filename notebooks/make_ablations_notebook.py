@@ -75,6 +75,8 @@ print("code-flow source repository:", SOURCE_REPO)
 code("""
 # Code-flow dataset: commit transitions + file/repo-level FIM from the repository's history
 # (docs/codeflow.md). Falls back to the corpus shipped in the package if that yields nothing.
+import json
+
 from loopcoder_jax.data import codeflow
 
 small = BUDGET == "tiny"
@@ -82,7 +84,6 @@ cf_cfg = codeflow.CodeFlowConfig(
     transitions_per_repo=8 if small else 64,
     file_fim_per_repo=16 if small else 256,
     repo_fim_per_repo=4 if small else 64,
-    max_doc_chars=16_384,
     seed=0,
 )
 DATA_PATH = os.path.join(OUT_DIR, "codeflow.jsonl")
@@ -96,6 +97,12 @@ except codeflow.CodeFlowError as e:
     print("code-flow build failed:", e)
 DATA_SOURCES = [DATA_PATH] if n_docs else []  # [] = the shipped corpus
 print("training data:", DATA_SOURCES or "shipped corpus")
+if n_docs:  # what a document looks like (a transition if there is one)
+    with open(DATA_PATH) as f:
+        records = [json.loads(line) for line in f]
+    sample = next((r for r in records if r["kind"] == "transition"), records[0])
+    print(f"--- {sample['kind']} {sample['paths']} ---")
+    print(sample["text"][:800])
 """)
 
 code("""
@@ -109,8 +116,6 @@ print(BUDGET, "budget:", ablations.BUDGETS[BUDGET], "->", NAMES)
 code("""
 # Train. Each config runs through trainer.run (the loop behind train.py) into OUT_DIR/runs/<name>;
 # folded_init first trains dense_4layer and folds it into the loop model's init.
-import json
-
 results = ablations.run_all(
     NAMES, BUDGET, OUT_DIR, config_dir=CONFIG_DIR,
     extra_overrides={"data.sources": json.dumps(DATA_SOURCES)},
@@ -118,7 +123,8 @@ results = ablations.run_all(
 )
 ablations.save_results(results, os.path.join(OUT_DIR, "results.json"))
 for r in results:
-    print(f"{r.name:<14} loss {r.losses[0]:.3f} -> {r.final_loss:.3f}", r.seconds_per_step)
+    step_s = f"{r.seconds_per_step:.3f} s/step"
+    print(f"{r.name:<14} loss {r.losses[0]:.3f} -> {r.final_loss:.3f}, {step_s}")
 """)
 
 code("""

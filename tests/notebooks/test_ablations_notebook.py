@@ -51,7 +51,9 @@ def test_notebook_runs_headless_on_cpu(tmp_path, monkeypatch):
     table = (out / "results.md").read_text()
     for name in ("loop1_dense", "loop2"):
         assert f"| {name} |" in table
-    # The code-flow dataset was built from this checkout's history.
-    assert (out / "codeflow.jsonl").stat().st_size > 0
+    # The code-flow dataset was built from this checkout's history (when it is a git checkout;
+    # otherwise the notebook falls back to the shipped corpus).
+    if os.path.exists(os.path.join(REPO_ROOT, ".git")):
+        assert (out / "codeflow.jsonl").stat().st_size > 0
     # The plot is shown inline too (an image output in the notebook).
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
