@@ -60,6 +60,7 @@ SECTION_NEW = "new"
 
 KINDS = ("transition", "file_fim", "repo_fim")
 
+_BLOB_BATCH = 256  # blobs read per `cat-file --batch` call when scanning a snapshot
 _MODE_SYMLINK = "120000"
 _MODE_SUBMODULE = "160000"
 _NULL_SHA_RE = re.compile(r"^0+$")
@@ -528,7 +529,7 @@ class _RepoBuilder:
 
     # -------------------------------------------------------------- snapshot files (FIM)
     def snapshot_files(self, commit: str) -> list[tuple[str, str]]:
-        """Eligible (path, text) of a commit's tree, sorted by path; skips are counted."""
+        """Eligible (path, blob sha) of a commit's tree, sorted by path; skips are counted."""
         candidates = []
         for mode, sha, raw in self.git.ls_tree(commit):
             path, why = check_path(raw)
@@ -549,17 +550,28 @@ class _RepoBuilder:
                 self.skip("file: too large")
             else:
                 small.append((path, sha))
-        blobs = self.git.blobs(sorted({sha for _, sha in small}))
+        # Contents are checked in batches and only (path, sha) kept, so memory stays bounded
+        # on large repositories; the few files that become documents are read again.
+        small.sort()
         files = []
-        for path, sha in sorted(small):
-            text, why = content_skip_reason(blobs[sha], self.cfg)
-            if why:
-                self.skip(f"file: {why}")
-            elif not text.strip():
-                self.skip("file: empty")
-            else:
-                files.append((path, text))
+        for start in range(0, len(small), _BLOB_BATCH):
+            batch = small[start : start + _BLOB_BATCH]
+            blobs = self.git.blobs(sorted({sha for _, sha in batch}))
+            for path, sha in batch:
+                text, why = content_skip_reason(blobs[sha], self.cfg)
+                if why:
+                    self.skip(f"file: {why}")
+                elif not text.strip():
+                    self.skip("file: empty")
+                else:
+                    files.append((path, sha))
         return files
+
+    def _texts(self, shas) -> dict[str, str]:
+        """Contents of blobs that already passed `content_skip_reason` (valid UTF-8)."""
+        return {
+            sha: data.decode("utf-8") for sha, data in self.git.blobs(sorted(set(shas))).items()
+        }
 
     def fim_docs(self, commit: str) -> Iterator[dict]:
         cfg = self.cfg
@@ -571,8 +583,10 @@ class _RepoBuilder:
             return
         if "file_fim" in cfg.kinds:
             k = min(cfg.file_fim_per_repo, len(files))
-            for i in sorted(self.rng.sample(range(len(files)), k)):
-                path, text = files[i]
+            picked = sorted(self.rng.sample(range(len(files)), k))
+            texts = self._texts(files[i][1] for i in picked)
+            for i in picked:
+                path, text = files[i][0], texts[files[i][1]]
                 pre, mid, suf, mode = split_fim(text, self.rng, cfg)
                 doc = fim_document(pre, mid, suf)
                 if len(doc) > cfg.max_doc_chars:
@@ -584,9 +598,10 @@ class _RepoBuilder:
         if "repo_fim" in cfg.kinds:
             for _ in range(cfg.repo_fim_per_repo):
                 t = self.rng.randrange(len(files))
-                target, text = files[t]
                 others = [i for i in range(len(files)) if i != t]
                 chosen = sorted(self.rng.sample(others, min(cfg.repo_context_files, len(others))))
+                texts = self._texts(files[i][1] for i in [t, *chosen])
+                target, text = files[t][0], texts[files[t][1]]
                 pre, mid, suf, mode = split_fim(text, self.rng, cfg)
                 bare = repo_fim_document(self.name, [], target, pre, mid, suf)
                 budget = cfg.max_doc_chars - len(bare)
@@ -595,7 +610,7 @@ class _RepoBuilder:
                     continue
                 context = []
                 for i in chosen:  # context files in path order until the budget is spent
-                    path, content = files[i]
+                    path, content = files[i][0], texts[files[i][1]]
                     cost = len(FILE_SEP) + len(path) + 1 + len(content)
                     if cost <= budget:
                         context.append((path, content))
