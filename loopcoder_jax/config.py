@@ -220,6 +220,7 @@ class AttnImpl(enum.Enum):
 
     XLA = "xla"
     SPLASH = "splash"  # Pallas TPU splash attention (see kernels/)
+    AUTO = "auto"  # splash when the mesh's devices are TPUs, else XLA (kernels.resolve_impl)
 
 
 class Remat(enum.Enum):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import kernels
 from loopcoder_jax import sharding as sh
+from loopcoder_jax.config import AttnImpl
 from loopcoder_jax.model.layers import apply_rope
 
 Dtype = Any
@@ -68,6 +69,7 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: AttnImpl = AttnImpl.XLA  # kernel for the full-sequence branches
 
     def setup(self):
         def proj(features, axis, names):
@@ -117,12 +119,14 @@ class Attention(nn.Module):
         """
         q, k, v = self._qkv(x, cos, sin)
         if loop_idx == 0:
-            a = kernels.attention(q, k, v, kernels.Causal(), segment_ids)
+            a = kernels.attention(q, k, v, kernels.Causal(), segment_ids, self.attn_impl)
         else:
             k0, v0 = shared_kv
-            global_out = kernels.attention(q, k0, v0, kernels.Causal(), segment_ids)
+            global_out = kernels.attention(
+                q, k0, v0, kernels.Causal(), segment_ids, self.attn_impl
+            )
             local_out = kernels.attention(
-                q, k, v, kernels.LocalWindow(self.window), segment_ids
+                q, k, v, kernels.LocalWindow(self.window), segment_ids, self.attn_impl
             )
             a = self.loop_gate(q, global_out, local_out)
         return self._out(a), (k, v)
