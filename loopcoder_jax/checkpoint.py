@@ -94,7 +94,8 @@ def load_params(
     """Restores a params-only checkpoint.
 
     Args:
-      path: the checkpoint directory (contains config.json and params/).
+      path: a params checkpoint directory (config.json + params/), or a training run
+        directory (config.json + checkpoints/<step>/params/: the latest step is loaded).
       dtype: optional dtype to restore every leaf as (e.g. "bfloat16").
       shardings: optional pytree of `jax.sharding.Sharding` matching the params, to restore
         straight onto a mesh (any mesh: Orbax reshards). Default: the first local device.
@@ -103,7 +104,7 @@ def load_params(
     """
     path = os.path.abspath(os.fspath(path))
     cfg = load_config(path)
-    item = os.path.join(path, PARAMS_ITEM)
+    item = resolve_params_item(path)
     if not os.path.isdir(item):
         raise CheckpointNotFoundError(f"{path} has {CONFIG_FILE} but no {PARAMS_ITEM}/ directory.")
     target = abstract_params(cfg)
@@ -117,3 +118,131 @@ def load_params(
     )
     params = ocp.StandardCheckpointer().restore(item, target)
     return cfg, params
+
+
+# ---------------------------------------------------------------------------- training runs
+CHECKPOINTS_DIR = "checkpoints"
+OPT_STATE_ITEM = "opt_state"
+DATA_ITEM = "data"
+META_ITEM = "meta"
+
+
+def finished_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Committed checkpoint steps of a run, ascending.
+
+    Orbax writes each step under a temporary name and renames it to `<step>` only once every
+    item is written, so an integer-named directory is a complete checkpoint.
+    """
+    ckpt_dir = os.path.join(os.fspath(run_dir), CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def resolve_params_item(path: str) -> str:
+    """The Orbax params directory of a params checkpoint or of a run dir's latest step."""
+    direct = os.path.join(path, PARAMS_ITEM)
+    if os.path.isdir(direct):
+        return direct
+    steps = finished_steps(path)
+    if steps:
+        return os.path.join(path, CHECKPOINTS_DIR, str(steps[-1]), PARAMS_ITEM)
+    raise CheckpointNotFoundError(
+        f"{path} has {CONFIG_FILE} but neither a {PARAMS_ITEM}/ directory (params checkpoint) "
+        f"nor a finished {CHECKPOINTS_DIR}/<step>/ (training run). Was the run killed before "
+        "its first checkpoint?"
+    )
+
+
+class _FrozenIteratorState:
+    """The data iterator's state captured at save time.
+
+    Saves may finish asynchronously while training (and the iterator) moves on; grain's
+    handler would read the live iterator's state too late.
+    """
+
+    def __init__(self, iterator):
+        state = iterator.get_state()
+        self._state = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class TrainCheckpointer:
+    """Orbax `CheckpointManager` for a training run: RUN/checkpoints/<step>/{params,
+    opt_state, data, meta}.
+
+    params and opt_state are sharded Orbax trees (restorable onto any mesh: pass the target
+    shardings), data is the grain iterator state (one file per process), meta is JSON (step,
+    and anything the caller adds). Saves are asynchronous when `async_save`; at most `keep`
+    steps are kept. Every process must call `save`/`restore` (collective in multi-host runs).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(os.fspath(run_dir)), CHECKPOINTS_DIR)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a killed save are not checkpoints
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, *, data_iterator=None, meta=None) -> None:
+        """Starts saving `state` (a TrainState) as `step`; returns before the write finishes."""
+        import grain
+
+        items = {
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
+            META_ITEM: ocp.args.JsonSave({"step": int(step), **(meta or {})}),
+        }
+        if data_iterator is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state, *, data_iterator=None):
+        """Restores `step` onto the shardings carried by `abstract_state`'s leaves.
+
+        abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with `.sharding` set (any
+        mesh, not necessarily the one the checkpoint was written from).
+        data_iterator: restored in place when given.
+        Returns (TrainState, meta dict).
+        """
+        import grain
+
+        items = {
+            PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
+            OPT_STATE_ITEM: ocp.args.StandardRestore(abstract_state.opt_state),
+            META_ITEM: ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            step_dir = os.path.join(self.directory, str(step), DATA_ITEM)
+            if not os.path.isdir(step_dir):
+                raise CheckpointNotFoundError(
+                    f"Checkpoint step {step} in {self.directory} has no data-iterator state; "
+                    "it cannot resume the data stream exactly. Start a new run dir, or use "
+                    "--init-from to start from its params."
+                )
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = abstract_state.replace(
+            step=jnp.asarray(step, jnp.int32),
+            params=out[PARAMS_ITEM],
+            opt_state=out[OPT_STATE_ITEM],
+        )
+        if hasattr(abstract_state.step, "sharding") and abstract_state.step.sharding is not None:
+            state = state.replace(step=jax.device_put(state.step, abstract_state.step.sharding))
+        return state, dict(out[META_ITEM])
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

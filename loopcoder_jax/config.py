@@ -268,11 +268,11 @@ class RuntimeConfig:
                     object.__setattr__(self, name, enum_cls(value))
                 except ValueError:
                     choices = [m.value for m in enum_cls]
-                    raise ConfigError(f"runtime.{name}={value!r}; choose one of {choices}.") from None
+                    raise ConfigError(
+                        f"runtime.{name}={value!r}; choose one of {choices}."
+                    ) from None
         if not 0.0 <= float(self.bptt_grad_scale) <= 1.0:
-            raise ConfigError(
-                f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1]."
-            )
+            raise ConfigError(f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1].")
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
@@ -416,3 +416,247 @@ def model_config_from_section(section: Mapping[str, Any] | None) -> ModelConfig:
     if "eos_token_id" in section and isinstance(section["eos_token_id"], list):
         section["eos_token_id"] = tuple(section["eos_token_id"])
     return build_dataclass(ModelConfig, section, "model")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training-data pipeline (YAML section `data:`); see docs/data.md.
+
+    Sequence length and batch size are not here: they come from the train config and are
+    arguments of `data.pipeline.make_train_iterator`.
+
+    sources: JSONL files (`.jsonl`, one JSON object per line) and ArrayRecord files
+      (`.array_record`, one JSON object per record), as paths or globs. Empty = the small code
+      corpus shipped in the package (`loopcoder_jax/assets/corpus.jsonl`).
+    record_format: "auto" (a record with `messages_field` is a chat conversation, otherwise
+      text), "text" or "chat". Chat records train only on assistant tokens (SFT).
+    text_field / messages_field: JSON keys of the document text / the chat message list
+      (`[{"role": ..., "content": ...}, ...]`).
+    tokenizer: path of a SentencePiece `tokenizer.model`; None = the model shipped in the package.
+    add_bos / add_eos: wrap each text document in `<s>` ... `</s>`.
+    shuffle: shuffle records (per epoch, deterministic given the seed).
+    seed: data seed; None = the seed passed to `make_train_iterator` (the train seed).
+    num_epochs: passes over the data; None = repeat forever.
+    split_long: "always" fills every row completely and splits a document across rows where it
+      does not fit (no padding; pretraining); "long_only" starts a document that fits in one row
+      on a fresh row instead (some padding; keeps SFT conversations whole).
+    fim_rate: fraction of text documents rewritten as file-level fill-in-the-middle
+      (`<|fim_prefix|>pre<|fim_suffix|>suf<|fim_middle|>mid<|im_end|>`, DESIGN.md §4).
+    worker_count: grain worker processes for reading + tokenizing (0 = in the main process,
+      the right choice on small hosts; malformed-record counters then live in this process).
+    startup_check_records: records read from the start of each source file before training to
+      catch a wrong path, field name or format at once instead of mid-run.
+    """
+
+    sources: tuple[str, ...] = ()
+    record_format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    tokenizer: str | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    shuffle: bool = True
+    seed: int | None = None
+    num_epochs: int | None = None
+    split_long: str = "always"
+    fim_rate: float = 0.0
+    worker_count: int = 0
+    startup_check_records: int = 1000
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        elif not isinstance(self.sources, tuple):
+            object.__setattr__(self, "sources", tuple(self.sources))
+        if self.record_format not in ("auto", "text", "chat"):
+            raise ConfigError(
+                f"data.record_format={self.record_format!r}; choose 'auto', 'text' or 'chat'."
+            )
+        if self.split_long not in ("always", "long_only"):
+            raise ConfigError(
+                f"data.split_long={self.split_long!r}; choose 'always' or 'long_only'."
+            )
+        if not 0.0 <= float(self.fim_rate) <= 1.0:
+            raise ConfigError(f"data.fim_rate={self.fim_rate} must lie in [0, 1].")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs={self.num_epochs}; use an integer >= 1 or null.")
+        if self.worker_count < 0 or self.startup_check_records < 0:
+            raise ConfigError("data.worker_count and data.startup_check_records must be >= 0.")
+
+    def replace(self, **changes) -> DataConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------- mesh + training
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape (YAML section `mesh:`).
+
+    Each value is the number of devices along that mesh axis; exactly one axis may be -1,
+    meaning "all remaining devices". data: pure data parallelism (params replicated);
+    fsdp: data parallelism with params and optimizer state sharded; tensor: Megatron-style
+    tensor parallelism (heads, MLP, vocab); sequence: context parallelism over positions.
+    `rules` names the logical->mesh rules table in `sharding.RULES`.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    sequence: int = 1
+    rules: str = "fsdp_tp"
+
+    def __post_init__(self):
+        sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "sequence")}
+        for axis, n in sizes.items():
+            if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
+                raise ConfigError(f"mesh.{axis}={n!r} must be a positive integer or -1 (fill).")
+        if sum(n == -1 for n in sizes.values()) > 1:
+            raise ConfigError(f"At most one mesh axis may be -1 (fill); got {sizes}.")
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "sequence")}
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+_NAN_POLICIES = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run-loop settings (YAML section `train:`).
+
+    batch_size is GLOBAL (all processes, all accumulation micro-steps) in sequences of
+    seq_len tokens. lr follows `schedule` ("cosine" | "linear" | "constant") after
+    `warmup_steps` of linear warmup from 0, decaying to `lr * min_lr_ratio` at `steps`.
+    weight_decay is AdamW's decoupled decay, applied to matmul kernels and the gate kernel,
+    never to norm scales or the gate bias, and to the embedding only if `decay_embeddings`.
+    clip_grad_norm <= 0 disables clipping. z_loss adds z_loss * logsumexp^2 per token.
+    loss_chunk: positions per chunk of the chunked cross-entropy (bounds the f32 logits
+    buffer to [B, loss_chunk, V]). nan_policy: "stop" raises on a non-finite loss (naming the
+    step and the last good checkpoint); "skip" leaves the state unchanged for that step.
+    checkpoint_every: save every N steps (and at the end); keep_checkpoints: keep the last K.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    clip_grad_norm: float = 1.0
+    z_loss: float = 0.0
+    loss_chunk: int = 512
+    seed: int = 0
+    run_dir: str = "runs/tiny"
+    init_from: str | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 10
+    nan_policy: str = "stop"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "loss_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}.")
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.schedule not in _SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r}; choose one of {_SCHEDULES}.")
+        if self.nan_policy not in _NAN_POLICIES:
+            raise ConfigError(
+                f"train.nan_policy={self.nan_policy!r}; choose one of {_NAN_POLICIES}."
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}.")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum={self.grad_accum}; each accumulation step needs an equal "
+                "micro-batch."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs: YAML sections model/runtime/mesh/train/data."""
+
+    model: ModelConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    SECTIONS = ("model", "runtime", "mesh", "train", "data")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], overrides: Mapping[str, str] | None = None):
+        """Sections dict -> config; `overrides` maps "section.key" to a string value."""
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(f"Unknown sections {unknown}; valid: {list(cls.SECTIONS)}.")
+        per_section: dict[str, dict[str, str]] = {s: {} for s in cls.SECTIONS}
+        for key, value in (overrides or {}).items():
+            section, _, name = key.partition(".")
+            if section not in per_section or not name:
+                raise ConfigError(
+                    f"Override {key!r} must look like 'section.key=value' with section in "
+                    f"{list(cls.SECTIONS)}."
+                )
+            per_section[section][name] = value
+        model_section = dict(raw.get("model") or {"preset": "tiny"})
+        parts = {
+            "model": model_config_from_section(model_section),
+            "runtime": build_dataclass(RuntimeConfig, raw.get("runtime"), "runtime"),
+            "mesh": build_dataclass(MeshConfig, raw.get("mesh"), "mesh"),
+            "train": build_dataclass(TrainConfig, raw.get("train"), "train"),
+            "data": build_dataclass(DataConfig, raw.get("data"), "data"),
+        }
+        for section, values in per_section.items():
+            if values:
+                parts[section] = apply_overrides(parts[section], values, section)
+        return cls(**parts)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike | None, overrides: Mapping[str, str] | None = None):
+        """Loads `configs/<x>.yaml` (None = all defaults: the tiny embedded run)."""
+        return cls.from_dict(load_yaml(path) if path else {}, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready resolved config (enums as values, model in HF keys)."""
+
+        def plain(obj):
+            out = {}
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                out[f.name] = (
+                    v.value
+                    if isinstance(v, enum.Enum)
+                    else (list(v) if isinstance(v, tuple) else v)
+                )
+            return out
+
+        return {
+            "model": plain(self.model),
+            "runtime": plain(self.runtime),
+            "mesh": plain(self.mesh),
+            "train": plain(self.train),
+            "data": plain(self.data),
+        }
+
+    def replace(self, **changes) -> ExperimentConfig:
+        return dataclasses.replace(self, **changes)

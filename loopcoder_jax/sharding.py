@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -99,3 +100,121 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules):
     """`NamedSharding` per parameter from the boxed (logically annotated) abstract params."""
     logical = nn.get_partition_spec(abstract_boxed_params)
     return logical_to_mesh_sharding(logical, mesh, rules)
+
+
+# ---------------------------------------------------------------------------- meshes
+class MeshError(ValueError):
+    """The mesh does not fit the devices, the model or the batch; the message names the numbers."""
+
+
+def resolve_mesh_shape(axis_sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Fills the (at most one) -1 axis so the product equals `num_devices`."""
+    sizes = {a: int(axis_sizes.get(a, 1)) for a in MESH_AXES}
+    known = 1
+    for a, n in sizes.items():
+        if n != -1:
+            known *= n
+    fill = [a for a, n in sizes.items() if n == -1]
+    if fill:
+        if num_devices % known:
+            raise MeshError(
+                f"Cannot fill mesh axis '{fill[0]}': {num_devices} devices are not divisible by "
+                f"the product {known} of the other axes {sizes}."
+            )
+        sizes[fill[0]] = num_devices // known
+    total = 1
+    for n in sizes.values():
+        total *= n
+    if total != num_devices:
+        raise MeshError(
+            f"Mesh {sizes} needs {total} devices but {num_devices} are available; make the "
+            "product of the mesh axes equal the device count, or set one axis to -1."
+        )
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A `Mesh` with axes ("data", "fsdp", "tensor", "sequence") from a `MeshConfig`.
+
+    devices: defaults to all global devices (every process's). On TPU the device order comes
+    from `mesh_utils.create_device_mesh` (topology-aware: the innermost axes, tensor and
+    sequence, land on the fastest interconnect).
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(mesh_cfg.axis_sizes, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def get_rules(name: str) -> Rules:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise MeshError(f"Unknown rules table {name!r}; choose one of {sorted(RULES)}.") from None
+
+
+def _axes_product(mesh: Mesh, axes) -> tuple[int, tuple[str, ...]]:
+    if axes is None:
+        return 1, ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n, axes
+
+
+def check_divisible(shapes, specs, mesh: Mesh, what: str) -> None:
+    """Raises `MeshError` listing every array dim that its mesh axes do not divide.
+
+    shapes: tree of objects with `.shape`; specs: matching tree of mesh PartitionSpecs.
+    """
+    problems = []
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, leaf), spec in zip(flat_shapes, flat_specs, strict=True):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, tuple(spec), strict=False)):
+            n, names = _axes_product(mesh, axes)
+            if size % n:
+                problems.append(
+                    f"{what}{jax.tree_util.keystr(path)} dim {dim} has size {size}, not divisible "
+                    f"by mesh axes {names} = {n} devices"
+                )
+    if problems:
+        shape = dict(mesh.shape)
+        raise MeshError(
+            f"The mesh {shape} does not divide the {what.strip('.') or 'arrays'}:\n  "
+            + "\n  ".join(problems[:12])
+            + ("\n  ..." if len(problems) > 12 else "")
+            + "\nPick mesh sizes that divide these dims (e.g. a smaller mesh.tensor or mesh.fsdp)."
+        )
+
+
+def batch_spec(rules) -> PartitionSpec:
+    """Mesh PartitionSpec of a [B, T] batch array."""
+    return nn.logical_to_mesh_axes((BATCH, LENGTH), rules)
+
+
+def check_batch(mesh: Mesh, rules, global_batch: int, seq_len: int, grad_accum: int = 1) -> None:
+    """Raises `MeshError` when the global (micro-)batch or seq_len does not split over the mesh."""
+    spec = batch_spec(rules)
+    n_b, axes_b = _axes_product(mesh, spec[0])
+    n_t, axes_t = _axes_product(mesh, spec[1] if len(spec) > 1 else None)
+    micro = global_batch // grad_accum
+    if micro % n_b:
+        raise MeshError(
+            f"Global micro-batch {micro} (batch_size {global_batch} / grad_accum {grad_accum}) "
+            f"is not divisible by the {n_b} batch shards of mesh axes {axes_b}; use a "
+            f"batch_size that is a multiple of {n_b * grad_accum}."
+        )
+    if seq_len % n_t:
+        raise MeshError(
+            f"seq_len {seq_len} is not divisible by the {n_t} sequence shards of mesh axes "
+            f"{axes_t}."
+        )

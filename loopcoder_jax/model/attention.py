@@ -57,6 +57,35 @@ class LoopGate(nn.Module):
         return mixed.astype(global_out.dtype)
 
 
+class Projection(nn.Module):
+    """Bias-free projection contracting the last `n_in` dims of x with a full-rank kernel.
+
+    The kernel is created in its final shape (e.g. [D, N, H]) with its logical axis names.
+    (`nn.DenseGeneral` creates a flat kernel and reshapes it, applying the rank-3 logical
+    constraint to the rank-2 array, which fails whenever a mesh is set.)
+    """
+
+    features: tuple[int, ...]
+    n_in: int
+    names: tuple[str, ...]
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.names),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
 class Attention(nn.Module):
     """q/k/v/o projections (HF names) and the loop-dependent attention pattern."""
 
@@ -72,23 +101,21 @@ class Attention(nn.Module):
     attn_impl: AttnImpl = AttnImpl.XLA  # kernel for the full-sequence branches
 
     def setup(self):
-        def proj(features, axis, names):
-            return nn.DenseGeneral(
-                features,
-                axis=axis,
-                use_bias=False,
+        def proj(features, n_in, names):
+            return Projection(
+                features=features,
+                n_in=n_in,
+                names=names,
+                init_std=self.init_std,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(self.init_std), names
-                ),
             )
 
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = proj((n, h), -1, (sh.EMBED, sh.HEADS, sh.HEAD_DIM))
-        self.k_proj = proj((k, h), -1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
-        self.v_proj = proj((k, h), -1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
-        self.o_proj = proj(self.hidden_size, (-2, -1), (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
+        self.q_proj = proj((n, h), 1, (sh.EMBED, sh.HEADS, sh.HEAD_DIM))
+        self.k_proj = proj((k, h), 1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
+        self.v_proj = proj((k, h), 1, (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM))
+        self.o_proj = proj((self.hidden_size,), 2, (sh.HEADS, sh.HEAD_DIM, sh.EMBED))
         if self.has_gate:
             self.loop_gate = LoopGate(n, h, param_dtype=self.param_dtype)
 

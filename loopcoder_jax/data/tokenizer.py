@@ -1,0 +1,350 @@
+"""SentencePiece tokenizer: loading, the ChatML chat template, and training a new model.
+
+Ids of a model trained here (`train_tokenizer`, and the shipped `assets/tokenizer.model`):
+    0 `<unk>`, 1 `<s>` (BOS), 2 `</s>` (EOS), 3 `<pad>`, then `SPECIAL_TOKENS` in order (4, 5, ...)
+Every special token is a single id, also when it appears inside text given to `encode`
+(SentencePiece `user_defined_symbols`), so `encode(apply_chat_template(...))` produces the
+`<|im_start|>` / `<|im_end|>` ids. The released IQuest `tokenizer.model` loads the same way;
+`special_ids` then holds the special tokens that model defines.
+
+CLI:
+    python -m loopcoder_jax.data.tokenizer train --input a.jsonl b.txt --vocab-size 32000 \
+        --output out/tokenizer          # writes out/tokenizer.model and out/tokenizer.vocab
+    python -m loopcoder_jax.data.tokenizer encode --text "def f(x):"   # inspect a model
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from importlib import resources
+
+import sentencepiece as spm
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+# Reserved as single ids after <unk> <s> </s> <pad>, in this order (DESIGN.md §4 formats).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|fim_prefix|>",
+    "<|fim_suffix|>",
+    "<|fim_middle|>",
+    "<|fim_pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<|endoftext|>",
+)
+
+SHIPPED_MODEL = "tokenizer.model"  # inside loopcoder_jax/assets/
+
+
+class TokenizerError(ValueError):
+    """The tokenizer model is missing or unusable; the message names the path and the fix."""
+
+
+def shipped_model_path() -> str:
+    """Path of the tokenizer model shipped in the package (vocab 512, matches preset 'tiny')."""
+    return str(resources.files("loopcoder_jax") / "assets" / SHIPPED_MODEL)
+
+
+class Tokenizer:
+    """A SentencePiece model plus the ids the pipeline and the chat template need.
+
+    `encode(text)` adds BOS by default (the released models are trained with it) and never adds
+    EOS unless asked. `decode` drops BOS/EOS/pad but keeps the `<|...|>` special tokens, so a
+    decoded chat transcript shows its turn markers.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = os.fspath(model_path)
+        if not os.path.isfile(self.path):
+            raise TokenizerError(
+                f"Tokenizer model {self.path} does not exist. Pass the path of a SentencePiece "
+                "`tokenizer.model` (or None for the one shipped in the package), or train one "
+                "with `python -m loopcoder_jax.data.tokenizer train --input FILES --vocab-size N "
+                "--output PREFIX`."
+            )
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(self.path)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(
+                f"{self.path} is not a SentencePiece model ({e}); point to a `tokenizer.model`."
+            ) from None
+        self.vocab_size: int = self.sp.GetPieceSize()
+        self.unk_id: int = self.sp.unk_id()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        # A model without a pad piece (e.g. the released one) pads with EOS; padded positions
+        # carry loss_mask 0 and segment_id 0, so the id itself never trains anything.
+        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.special_ids: dict[str, int] = {}
+        for token in SPECIAL_TOKENS:
+            i = self.sp.PieceToId(token)
+            if i != self.unk_id and self.sp.IdToPiece(i) == token:
+                self.special_ids[token] = i
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise TokenizerError(
+                f"{self.path} defines no BOS/EOS piece; train it with bos_id/eos_id set (the "
+                "`train` command here does)."
+            )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        if add_bos:
+            ids = [self.bos_id, *ids]
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of several texts without BOS/EOS (one C++ call: faster than a Python loop)."""
+        return self.sp.EncodeAsIds(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        drop = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in drop])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+    def special_id(self, token: str) -> int:
+        """Id of a special token; a clear error when this model does not define it."""
+        try:
+            return self.special_ids[token]
+        except KeyError:
+            raise TokenizerError(
+                f"{self.path} has no single-id {token!r}; models trained with `python -m "
+                "loopcoder_jax.data.tokenizer train` reserve all of "
+                f"{list(SPECIAL_TOKENS)}."
+            ) from None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: EOS, and `<|im_end|>` / `<|endoftext|>` when defined."""
+        extra = [
+            self.special_ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in self.special_ids
+        ]
+        return (self.eos_id, *extra)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return apply_chat_template(messages, add_generation_prompt)
+
+
+def apply_chat_template(
+    messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+) -> str:
+    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then (when
+    `add_generation_prompt`) `<|im_start|>assistant\\n` for the model to continue."""
+    parts = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(
+                f"message {i} must be a dict with string 'role' and 'content', got {message!r}."
+            )
+        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """Loads a SentencePiece model; None = the model shipped in the package (vocab 512).
+
+    A directory is accepted too (a run dir or a converted checkpoint holding `tokenizer.model`).
+    """
+    if path is None:
+        return Tokenizer(shipped_model_path())
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, SHIPPED_MODEL)
+    return Tokenizer(path)
+
+
+# ---------------------------------------------------------------------------- training
+def iter_training_text(paths: Sequence[str], text_field: str = "text") -> Iterator[str]:
+    """Texts of plain-text files (one document per file) and JSONL files (`text_field`, or the
+    contents of chat `messages`); unparsable JSONL lines are skipped."""
+    for path in paths:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if not isinstance(record, dict):
+                        continue
+                    if isinstance(record.get(text_field), str):
+                        yield record[text_field]
+                    elif isinstance(record.get("messages"), list):
+                        for m in record["messages"]:
+                            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                                yield m["content"]
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+
+
+def _expand(inputs: Sequence[str]) -> list[str]:
+    paths = []
+    for pattern in inputs:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.isfile(p) for p in matches):
+            raise TokenizerError(
+                f"Tokenizer training input {pattern!r} matches no file; pass existing .jsonl "
+                "or text files (globs allowed)."
+            )
+        paths.extend(matches)
+    return paths
+
+
+def train_tokenizer(
+    inputs: Sequence[str],
+    vocab_size: int,
+    output_prefix: str,
+    *,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 1.0,
+    max_sentence_length: int = 1 << 16,
+    max_documents: int = 0,
+    text_field: str = "text",
+    extra_special_tokens: Sequence[str] = (),
+    num_threads: int = 1,
+) -> str:
+    """Trains a SentencePiece model for code; returns the path of `{output_prefix}.model`.
+
+    Code-preserving settings: identity normalisation, no dummy prefix, whitespace and newlines
+    kept (runs of spaces can be pieces), digits split, and byte fallback so any UTF-8 text
+    round-trips exactly (`<0x..>` pieces take 256 ids: turn it off only for toy vocabularies,
+    where characters outside the training text then become `<unk>`). `max_documents` > 0 trains
+    on a seeded sample of that many documents (for large corpora).
+    `<unk>`=0 `<s>`=1 `</s>`=2 `<pad>`=3, then `SPECIAL_TOKENS` + `extra_special_tokens` as
+    single ids. Training is deterministic for a given input and `num_threads=1`. Outputs are
+    written under temporary names and renamed.
+    """
+    paths = _expand(inputs)
+    specials = list(SPECIAL_TOKENS) + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS]
+    reserved = 4 + len(specials) + (256 if byte_fallback else 0)
+    if vocab_size <= reserved:
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} leaves no room for pieces: {reserved} ids are reserved "
+            "(4 control + special tokens + 256 byte-fallback pieces); raise it."
+        )
+    output_prefix = os.fspath(output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+
+    def documents() -> Iterator[str]:
+        # Whole documents go in as "sentences" (the iterator API, unlike SentencePiece's file
+        # input, allows newlines inside), so pieces such as "):\n" or "\n\n" can be learned.
+        for text in iter_training_text(paths, text_field):
+            for start in range(0, len(text), max_sentence_length):
+                chunk = text[start : start + max_sentence_length]
+                if chunk.strip():
+                    yield chunk
+
+    if next(documents(), None) is None:
+        raise TokenizerError(f"No training text found in {paths}.")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=documents(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=max_sentence_length,
+        user_defined_symbols=specials,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        pad_piece=PAD,
+        num_threads=num_threads,
+        input_sentence_size=max_documents,
+        shuffle_input_sentence=max_documents > 0,
+        seed_sentencepiece_size=1_000_000,
+        minloglevel=2,
+    )
+    proto = model.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
+    _write_atomic(output_prefix + ".model", proto)
+    _write_atomic(output_prefix + ".vocab", vocab.encode("utf-8"))
+    return output_prefix + ".model"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    staged = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(staged, "wb") as f:
+        f.write(data)
+    os.replace(staged, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.tokenizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a SentencePiece model with the special tokens")
+    t.add_argument("--input", nargs="+", required=True, help=".jsonl or text files (globs ok)")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model/.vocab")
+    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    t.add_argument("--no-byte-fallback", action="store_true")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--extra-special-tokens", nargs="*", default=[])
+    t.add_argument("--num-threads", type=int, default=1)
+    t.add_argument("--max-documents", type=int, default=0, help="sample this many (0 = all)")
+    e = sub.add_parser("encode", help="show how a model tokenizes a text")
+    e.add_argument("--model", default=None, help="tokenizer.model (default: the shipped one)")
+    e.add_argument("--text", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            path = train_tokenizer(
+                args.input,
+                args.vocab_size,
+                args.output,
+                model_type=args.model_type,
+                byte_fallback=not args.no_byte_fallback,
+                text_field=args.text_field,
+                extra_special_tokens=args.extra_special_tokens,
+                num_threads=args.num_threads,
+                max_documents=args.max_documents,
+            )
+            tok = load_tokenizer(path)
+            print(f"wrote {path}: vocab_size={tok.vocab_size} special_ids={tok.special_ids}")
+        else:
+            tok = load_tokenizer(args.model)
+            ids = tok.encode(args.text)
+            print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}))
+    except TokenizerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
