@@ -112,9 +112,7 @@ def test_model_with_splash_matches_xla(tiny_config):
     gate["kernel"] = 0.3 * jax.random.normal(jax.random.key(3), gate["kernel"].shape)
     gate["bias"] = jnp.linspace(-1.0, 1.0, gate["bias"].size).reshape(gate["bias"].shape)
     spl = LoopCoder(cfg, RuntimeConfig(attn_impl=AttnImpl.SPLASH))
-    # The legacy `with mesh:` context: under `jax.set_mesh` the model's init-shape check
-    # trips over DenseGeneral's flattened kernels (reported to the model owner).
-    with pytest.warns(DeprecationWarning), _mesh(), nn.logical_axis_rules(sh.FSDP_TP):
+    with jax.set_mesh(_mesh()), nn.logical_axis_rules(sh.FSDP_TP):
         fn = jax.jit(lambda p: spl.apply({"params": p}, ids, segment_ids=seg))
         text = fn.lower(params).as_text()
         got = fn(params)
