@@ -465,17 +465,22 @@ def plan(
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
     flops_per_chip, seconds = _cost(compiled)
-    if count_flops and exp.model.num_hidden_layers > 1:
+    depth = exp.model.num_hidden_layers
+    if count_flops and depth <= 2:  # unrolling the whole stack is as cheap as extrapolating
+        flops_per_chip, seconds = _cost(
+            _lower(_counting_config(exp, depth), mesh, rules, mode).compile()
+        )
+        notes.append("FLOPs and time from a compile with the layers unrolled")
+    elif count_flops:
         c1 = _cost(_lower(_counting_config(exp, 1), mesh, rules, mode).compile())
         c2 = _cost(_lower(_counting_config(exp, 2), mesh, rules, mode).compile())
-        depth = exp.model.num_hidden_layers
         extrapolate = lambda a, b: None if a is None or b is None else a + (depth - 1) * (b - a)
         flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])
         notes.append(
             "FLOPs and time from depth-1/2 unrolled compiles extrapolated to "
             f"{depth} layers (cost_analysis counts a scan body once)"
         )
-    elif exp.runtime.scan_layers and exp.model.num_hidden_layers > 1:
+    elif exp.runtime.scan_layers and depth > 1:
         notes.append("FLOPs/time count the scanned layer body once (count_flops=False)")
     if "tpu_custom_call" in hlo:
         notes.append(

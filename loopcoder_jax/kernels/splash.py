@@ -19,8 +19,6 @@ the CPU tests check this file against the reference.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,9 +174,9 @@ def _splash_mask(mask: MaskSpec, t: int):
     raise TypeError(f"Unknown mask spec {mask!r}")
 
 
-@functools.lru_cache(maxsize=64)
 def _make_kernel(mask: MaskSpec, t: int, num_heads: int, block_q, block_kv, interpret):
-    """Builds (and caches: the block-sparsity tables are numpy work at trace time) a kernel."""
+    """Builds the kernel for one trace. Not cached across traces: it holds arrays created
+    in the trace it was built in (its block-sparsity tables are numpy work, done per trace)."""
     per_head = _splash_mask(mask, t)
     sizes = splash_kernel.BlockSizes(
         block_q=block_q,
@@ -190,15 +188,13 @@ def _make_kernel(mask: MaskSpec, t: int, num_heads: int, block_q, block_kv, inte
         block_q_dq=block_q,
         block_kv_dq=block_kv,
     )
-    # Concrete (not traced) mask tables, so the cached kernel can serve later traces.
-    with jax.ensure_compile_time_eval():
-        return splash_kernel.make_splash_mha(
-            splash_mask.MultiHeadMask([per_head] * num_heads),
-            block_sizes=sizes,
-            head_shards=1,
-            q_seq_shards=1,
-            interpret=interpret,
-        )
+    return splash_kernel.make_splash_mha(
+        splash_mask.MultiHeadMask([per_head] * num_heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
 
 
 def _context_mesh():
