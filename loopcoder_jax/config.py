@@ -238,7 +238,7 @@ class RuntimeConfig:
     dtype: compute dtype of activations and matmuls ("float32", "bfloat16"). Norms, softmax
       and the gate are computed in float32 regardless.
     param_dtype: dtype parameters are created in by `init`.
-    attn_impl: attention kernel (`AttnImpl`).
+    attn_impl: attention kernel (`AttnImpl`); AUTO = splash on TPU, XLA elsewhere.
     remat: rematerialisation policy of the scanned layer (`Remat`).
     scan_layers: iterate the stacked layer params with `lax.scan` (compile time independent of
       depth). False unrolls a Python loop over layers: for debugging and FLOP counting.
@@ -249,7 +249,7 @@ class RuntimeConfig:
 
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attn_impl: AttnImpl = AttnImpl.XLA
+    attn_impl: AttnImpl = AttnImpl.AUTO  # splash on TPU meshes, XLA elsewhere
     remat: Remat = Remat.NONE
     scan_layers: bool = True
     bptt_grad_scale: float = 1.0
