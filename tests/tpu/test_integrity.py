@@ -82,3 +82,46 @@ def test_fingerprint_sees_every_word_position():
     b = jnp.array([2.0, 1.0, 3.0, 4.0], jnp.float32)
     fa, fb = np.asarray(integrity._fingerprint(a)), np.asarray(integrity._fingerprint(b))
     assert fa[0] == fb[0] and fa[1] == fb[1] and fa[2] != fb[2]
+
+
+def test_two_processes_agree_on_the_faulty_device():
+    """Real jax.distributed on 127.0.0.1: both processes name process 1's corrupted device."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    victim = 6  # global device index: process 1 owns the last 4 devices
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_integrity_worker.py")),
+                str(port),
+                str(i),
+                str(victim),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    # (gloo prints its own lines to stdout too)
+    reports = [json.loads(next(x for x in out.splitlines() if x[:1] == "{")) for out, _ in outs]
+    victim_id = reports[0]["victim"]
+    assert reports[0] == reports[1]
+    assert reports[0]["found"] == [["['w']", [[victim_id, 1]], 3]]
