@@ -170,3 +170,22 @@ def test_splash_compiles_for_v5p():
     p = aot.plan(exp, "v5p-8", "train", count_flops=False)
     assert p.device_kind == "TPU v5" and p.fits
     assert any("Pallas kernels" in n for n in p.notes), p.notes
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_loop40b_plan_on_v5p_128():
+    """The question the planner exists for: 40B-Loop, 4k tokens, one sequence per chip."""
+    exp = ExperimentConfig.from_dict(
+        {"model": {"preset": "loop40b"}, "runtime": {"dtype": "bfloat16", "remat": "full"}}, {}
+    )
+    exp = exp.replace(
+        mesh=MeshConfig(data=1, fsdp=64, tensor=1, sequence=1),
+        train=dataclasses.replace(exp.train, batch_size=64, seq_len=4096),
+    )
+    p = aot.plan(exp, "v5p-128", "train", count_flops=False)
+    assert p.num_chips == 64 and p.device_kind == "TPU v5"
+    # f32 params + 2 Adam moments of ~40B parameters, FSDP-sharded 64 ways: ~7 GiB per chip.
+    n = exp.model.num_params()
+    assert 3 * 4 * n / 64 <= p.argument_bytes <= 1.1 * 3 * 4 * n / 64 + 2**30
+    assert p.fits, p.report()
