@@ -197,9 +197,10 @@ def markdown() -> str:
             ratio = r.get("flops_ratio")
             sec = r.get("optimal_seconds")
             mfu = r.get("mfu_bound_estimate")
+            total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
             cells = [
-                f"{r['total_bytes'] / aot.GiB:.1f} / {hbm:.0f}",
-                "yes" if r["fits"] else "**no**",
+                f"{total / aot.GiB:.1f} / {hbm:.0f}",
+                "yes" if total <= r["hbm_bytes"] else "**no**",
                 f"{ratio:.2f}" if ratio else "n/a",
                 f"{sec:.2f}" if sec else "n/a",
                 f"{100 * mfu:.0f}%" if mfu else "n/a",

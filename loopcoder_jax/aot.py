@@ -225,9 +225,9 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        """Per-chip HBM the program needs: the compiler's peak, else the buffer sum."""
-        if self.peak_bytes:
-            return self.peak_bytes
+        """Per-chip HBM the program needs: arguments + outputs not aliased to them + the
+        temporaries allocation. Conservative: the compiler's liveness-based peak
+        (`peak_bytes`) is often lower, but it is the sum that must be allocated."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
     @property
@@ -276,6 +276,8 @@ class Plan:
             f"    total               {gib(self.total_bytes)}  of {gib(self.hbm_bytes).strip()}"
             f"  -> {verdict} ({100 * self.total_bytes / self.hbm_bytes:.0f}%)",
         ]
+        if self.peak_bytes:
+            lines.append(f"    (compiler's live peak {gib(self.peak_bytes).strip()})")
         total_tf = self.analytic_flops / 1e12
         lines.append(f"  analytic model FLOPs  {total_tf:10.1f} TFLOP per step (all chips)")
         if self.compiled_flops_per_chip is not None:
