@@ -427,11 +427,60 @@ def analytic_flops(exp: ExperimentConfig, mode: str) -> float:
 
 
 def _counting_config(exp: ExperimentConfig, depth: int) -> ExperimentConfig:
-    """The step with `depth` unrolled layers, the loss in one chunk, no accumulation."""
+    """The step with `depth` unrolled layers, the loss in one chunk, no accumulation, and
+    XLA attention: the compiler cannot cost a Pallas kernel (a custom call), so the splash
+    program would count no attention work at all."""
     return exp.replace(
         model=exp.model.replace(num_hidden_layers=depth),
-        runtime=exp.runtime.replace(scan_layers=False),
+        runtime=exp.runtime.replace(scan_layers=False, attn_impl=AttnImpl.XLA),
         train=dataclasses.replace(exp.train, loss_chunk=exp.train.seq_len, grad_accum=1),
+    )
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _parse_oom(message: str) -> int | None:
+    """Bytes of temporaries from the TPU compiler's RESOURCE_EXHAUSTED message, if it is one."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = _OOM.search(message)
+    if not m:
+        return 0
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
+    """The compiler refused the program for lack of HBM: report that as DOES NOT FIT."""
+    return Plan(
+        topology=topo.name,
+        device_kind=devices[0].device_kind,
+        num_chips=len(devices),
+        mesh=dict(mesh.shape),
+        mode=mode,
+        seq_len=exp.train.seq_len,
+        global_batch=exp.train.batch_size,
+        remat=exp.runtime.remat.value,
+        attn_impl=exp.runtime.attn_impl.value,
+        dtype=exp.runtime.dtype,
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=max(temp_bytes, topo.generation.hbm_bytes + 1),
+        peak_bytes=0,
+        hbm_bytes=topo.generation.hbm_bytes,
+        compiled_flops_per_chip=None,
+        analytic_flops=analytic_flops(exp, mode),
+        optimal_seconds=None,
+        peak_flops_per_chip=topo.generation.peak_flops,
+        collectives={},
+        compile_seconds=seconds,
+        notes=[
+            "the TPU compiler stopped with RESOURCE_EXHAUSTED: the temporaries alone need "
+            f"{temp_bytes / GiB:.1f} GiB per chip (arguments not counted); use a bigger "
+            "slice, more FSDP, remat=full, a shorter sequence or gradient accumulation"
+        ],
     )
 
 
@@ -462,7 +511,14 @@ def plan(
     rules = sh.get_rules(exp.mesh.rules)
     notes = []
     t0 = time.perf_counter()
-    compiled = _lower(exp, mesh, rules, mode).compile()
+    lowered = _lower(exp, mesh, rules, mode)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        oom = _parse_oom(str(e))
+        if oom is None:
+            raise
+        return _oom_plan(exp, topo, devices, mesh, mode, oom, time.perf_counter() - t0)
     compile_seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -486,8 +542,13 @@ def plan(
         notes.append("FLOPs/time count the scanned layer body once (count_flops=False)")
     if "tpu_custom_call" in hlo:
         notes.append(
-            "Pallas kernels (splash attention) are custom calls: their FLOPs are the kernel's "
-            "own cost estimate, or absent from the compiled count"
+            "Pallas kernels (splash attention) are custom calls the compiler cannot cost: "
+            + (
+                "FLOPs and time were counted with XLA attention in their place (dense "
+                "causal blocks: an upper bound on the attention work)"
+                if count_flops
+                else "the FLOPs and time above leave attention out"
+            )
         )
     peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
     return Plan(

@@ -189,3 +189,23 @@ def test_loop40b_plan_on_v5p_128():
     n = exp.model.num_params()
     assert 3 * 4 * n / 64 <= p.argument_bytes <= 1.1 * 3 * 4 * n / 64 + 2**30
     assert p.fits, p.report()
+
+
+def test_compiler_oom_becomes_does_not_fit():
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (128.93G) exceeds available HBM (95.74G)."
+    )
+    assert aot._parse_oom(msg) == int(128.93 * 2**30)
+    assert aot._parse_oom("INTERNAL: something else") is None
+    topo = aot.parse_topology("v5p-16")
+    exp = _tiny_experiment()
+
+    class _Dev:
+        device_kind = "TPU v5"
+
+    class _Mesh:
+        shape = {"fsdp": 8}
+
+    p = aot._oom_plan(exp, topo, [_Dev()] * 8, _Mesh(), "train", aot._parse_oom(msg), 1.0)
+    assert not p.fits and "RESOURCE_EXHAUSTED" in p.report() and "DOES NOT FIT" in p.report()
