@@ -32,6 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's compile-only init
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 from loopcoder_jax import aot  # noqa: E402
 from loopcoder_jax.config import ExperimentConfig, MeshConfig  # noqa: E402

@@ -638,8 +638,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
     args = p.parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:
-        # Compile-only: keep JAX from probing for an attached TPU on this host.
+        # Compile-only: keep JAX from probing for an attached TPU on this host, and give
+        # libtpu's init the values it would otherwise look for (noisily) on a TPU VM.
         jax.config.update("jax_platforms", "cpu")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         exp = build_experiment(args)
         result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)
