@@ -2,6 +2,7 @@
 # Creates the TPU slice: a TPU VM directly, or (QUEUED=1) a queued resource that waits for
 # capacity, then waits until the slice is READY / ACTIVE.
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/create.sh [--no-wait] [--dry-run]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Deletes the slice (the TPU VM, or the queued resource and its VM). Billing stops here.
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/delete.sh --yes [--dry-run]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts train.py or infer.py on EVERY worker at once (one JAX process per host).
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/launch.sh train|infer [--dry-run] [-- ARGS...]

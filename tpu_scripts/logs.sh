@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shows (follows) a job's log on one worker, or the last lines of every worker's log.
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/logs.sh train|infer [--worker N|all] [--lines N] [--dry-run]

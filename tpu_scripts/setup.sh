@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs loopcoder-jax with the `tpu` extra on EVERY worker of the slice.
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/setup.sh [--dry-run]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops a job on every worker (SIGTERM to the recorded pid: train.py checkpoints and exits).
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/stop.sh train|infer [--kill] [--dry-run]

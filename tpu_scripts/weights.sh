@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Copies a Hugging Face checkpoint to the slice and converts it to an Orbax params checkpoint.
 set -euo pipefail
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="Usage: tpu_scripts/weights.sh --src SRC --dst DST [--dtype bfloat16] [--dry-run]
