@@ -524,22 +524,32 @@ def plan(
     hlo = compiled.as_text()
     flops_per_chip, seconds = _cost(compiled)
     depth = exp.model.num_hidden_layers
-    if count_flops and depth <= 2:  # unrolling the whole stack is as cheap as extrapolating
-        flops_per_chip, seconds = _cost(
-            _lower(_counting_config(exp, depth), mesh, rules, mode).compile()
-        )
-        notes.append("FLOPs and time from a compile with the layers unrolled")
-    elif count_flops:
-        c1 = _cost(_lower(_counting_config(exp, 1), mesh, rules, mode).compile())
-        c2 = _cost(_lower(_counting_config(exp, 2), mesh, rules, mode).compile())
-        extrapolate = lambda a, b: None if a is None or b is None else a + (depth - 1) * (b - a)
-        flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])
+    try:
+        if count_flops and depth <= 2:  # unrolling the whole stack is as cheap as extrapolating
+            flops_per_chip, seconds = _cost(
+                _lower(_counting_config(exp, depth), mesh, rules, mode).compile()
+            )
+            notes.append("FLOPs and time from a compile with the layers unrolled")
+        elif count_flops:
+            c1 = _cost(_lower(_counting_config(exp, 1), mesh, rules, mode).compile())
+            c2 = _cost(_lower(_counting_config(exp, 2), mesh, rules, mode).compile())
+            extrapolate = lambda a, b: None if None in (a, b) else a + (depth - 1) * (b - a)
+            flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])
+            notes.append(
+                "FLOPs and time from depth-1/2 unrolled compiles extrapolated to "
+                f"{depth} layers (cost_analysis counts a scan body once)"
+            )
+        elif exp.runtime.scan_layers and depth > 1:
+            notes.append("FLOPs/time count the scanned layer body once (count_flops=False)")
+    except jax.errors.JaxRuntimeError as e:
+        if _parse_oom(str(e)) is None:
+            raise
+        flops_per_chip = seconds = None
+        count_flops = False
         notes.append(
-            "FLOPs and time from depth-1/2 unrolled compiles extrapolated to "
-            f"{depth} layers (cost_analysis counts a scan body once)"
+            "the counting compiles (XLA attention, unrolled layers) ran out of HBM at this "
+            "length: no FLOP count or time estimate"
         )
-    elif exp.runtime.scan_layers and depth > 1:
-        notes.append("FLOPs/time count the scanned layer body once (count_flops=False)")
     if "tpu_custom_call" in hlo:
         notes.append(
             "Pallas kernels (splash attention) are custom calls the compiler cannot cost: "
@@ -547,7 +557,7 @@ def plan(
                 "FLOPs and time were counted with XLA attention in their place (dense "
                 "causal blocks: an upper bound on the attention work)"
                 if count_flops
-                else "the FLOPs and time above leave attention out"
+                else "any FLOPs and time above leave attention out"
             )
         )
     peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
