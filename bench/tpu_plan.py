@@ -215,6 +215,8 @@ def markdown() -> str:
             ratio = r.get("flops_ratio") if ok else None
             sec = r.get("optimal_seconds") if ok else None
             mfu = r.get("mfu_bound_estimate") if ok else None
+            if sec is not None and sec <= 0:  # v4's cost model: see aot.plan
+                sec = mfu = None
             total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
             cells = [
                 f"{total / aot.GiB:.1f} / {hbm:.0f}",

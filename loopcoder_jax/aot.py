@@ -535,6 +535,10 @@ def plan(
             c2 = _cost(_lower(_counting_config(exp, 2), mesh, rules, mode).compile())
             extrapolate = lambda a, b: None if None in (a, b) else a + (depth - 1) * (b - a)
             flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])
+            if seconds is not None and (seconds <= 0 or c2[1] < c1[1]):
+                # Seen with the v4 cost model: a deeper program "estimated" faster.
+                notes.append("the compiler's time estimates do not grow with depth: dropped")
+                seconds = None
             notes.append(
                 "FLOPs and time from depth-1/2 unrolled compiles extrapolated to "
                 f"{depth} layers (cost_analysis counts a scan body once)"
