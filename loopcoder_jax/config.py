@@ -240,6 +240,7 @@ class AttnImpl(enum.Enum):
 
     XLA = "xla"
     SPLASH = "splash"  # Pallas TPU splash attention (see kernels/)
+    AUTO = "auto"  # splash when the mesh's devices are TPUs, else XLA (kernels.resolve_impl)
 
 
 class Remat(enum.Enum):
@@ -257,7 +258,7 @@ class RuntimeConfig:
     dtype: compute dtype of activations and matmuls ("float32", "bfloat16"). Norms, softmax
       and the gate are computed in float32 regardless.
     param_dtype: dtype parameters are created in by `init`.
-    attn_impl: attention kernel (`AttnImpl`).
+    attn_impl: attention kernel (`AttnImpl`); AUTO = splash on TPU, XLA elsewhere.
     remat: rematerialisation policy of the scanned layer (`Remat`).
     scan_layers: iterate the stacked layer params with `lax.scan` (compile time independent of
       depth). False unrolls a Python loop over layers: for debugging and FLOP counting.
@@ -268,7 +269,7 @@ class RuntimeConfig:
 
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attn_impl: AttnImpl = AttnImpl.XLA
+    attn_impl: AttnImpl = AttnImpl.AUTO  # splash on TPU meshes, XLA elsewhere
     remat: Remat = Remat.NONE
     scan_layers: bool = True
     bptt_grad_scale: float = 1.0

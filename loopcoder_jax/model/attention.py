@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import kernels
 from loopcoder_jax import sharding as sh
+from loopcoder_jax.config import AttnImpl
 from loopcoder_jax.model.layers import Einsum, apply_rope
 
 Dtype = Any
@@ -88,6 +89,7 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: AttnImpl = AttnImpl.XLA  # kernel for the full-sequence branches
 
     def setup(self):
         d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -128,11 +130,15 @@ class Attention(nn.Module):
         """
         q, k, v = self._qkv(x, cos, sin)
         if loop_idx == 0:
-            a = kernels.attention(q, k, v, kernels.Causal(), segment_ids)
+            a = kernels.attention(q, k, v, kernels.Causal(), segment_ids, self.attn_impl)
         else:
             k0, v0 = shared_kv
-            global_out = kernels.attention(q, k0, v0, kernels.Causal(), segment_ids)
-            local_out = kernels.attention(q, k, v, kernels.LocalWindow(self.window), segment_ids)
+            global_out = kernels.attention(
+                q, k0, v0, kernels.Causal(), segment_ids, self.attn_impl
+            )
+            local_out = kernels.attention(
+                q, k, v, kernels.LocalWindow(self.window), segment_ids, self.attn_impl
+            )
             a = self.loop_gate(q, x, global_out, local_out)
         return self._out(a), (k, v)
 

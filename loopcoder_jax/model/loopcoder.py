@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.cache import LoopCache
-from loopcoder_jax.config import ModelConfig, Remat, RuntimeConfig
+from loopcoder_jax.config import AttnImpl, ModelConfig, Remat, RuntimeConfig
 from loopcoder_jax.model.attention import Attention
 from loopcoder_jax.model.layers import MLP, RMSNorm, rope_frequencies
 
@@ -44,6 +44,7 @@ class DecoderLayer(nn.Module):
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attn_impl: AttnImpl = AttnImpl.XLA
 
     def setup(self):
         norm = functools.partial(
@@ -60,6 +61,7 @@ class DecoderLayer(nn.Module):
             init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attn_impl=self.attn_impl,
         )
         self.post_attention_layernorm = norm()
         self.mlp = MLP(
@@ -189,6 +191,7 @@ class LoopCoder(nn.Module):
             init_std=cfg.initializer_range,
             dtype=self._dtype,
             param_dtype=self._param_dtype,
+            attn_impl=self.runtime.attn_impl,
             parent=None,
         )
 

@@ -1,0 +1,261 @@
+"""The TPU planning table of docs/tpu.md and BENCHMARKS.md, from the AOT planner.
+
+    python bench/tpu_plan.py                      # every row (hours on a 2-core box)
+    python bench/tpu_plan.py --rows 7b-4k-v5p16   # some rows
+    python bench/tpu_plan.py --depth-ratio        # compile time of 14 vs 80 layers
+    python bench/tpu_plan.py --markdown           # render the table from the results file
+
+Each row compiles the real training step (`training.make_train_step`) of an official config
+for a TPU slice with libtpu, on this CPU machine, and appends one JSON line (the planner's
+`Plan.to_json()` plus the row id, host and git sha) to bench/results/tpu_plan.jsonl, so an
+interrupted run keeps the rows it finished. Memory, FLOPs and times are the TPU compiler's
+ESTIMATES for the named slice; nothing ran on a TPU.
+
+The recommended mesh and remat policy of each row were chosen as: pure FSDP over the slice
+(the 5120-wide models have 8 kv heads, so tensor parallelism beyond 8 cannot split them and
+FSDP's all-gathers overlap well on ICI), the cheapest remat policy that fits (none, then
+dots, then full), bf16 compute with f32 master params and Adam moments, one sequence per
+chip (global batch = chips).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's compile-only init
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+from loopcoder_jax import aot  # noqa: E402
+from loopcoder_jax.config import ExperimentConfig, MeshConfig  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "results", "tpu_plan.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    id: str
+    preset: str
+    seq: int
+    topology: str
+    fsdp: int
+    remat: str
+    tensor: int = 1
+    attn: str = "auto"  # splash on TPU
+
+    @property
+    def global_batch(self) -> int:
+        return self.fsdp  # one sequence per chip
+
+
+ROWS = [
+    Row("7b-4k-v5p16", "dense7b", 4096, "v5p-16", fsdp=8, remat="dots"),
+    Row("7b-4k-v5e32", "dense7b", 4096, "v5e-32", fsdp=32, remat="full"),
+    Row("7b-32k-v5p32", "dense7b", 32768, "v5p-32", fsdp=16, remat="full"),
+    Row("14b-4k-v5p32", "dense14b", 4096, "v5p-32", fsdp=16, remat="dots"),
+    Row("14b-4k-v6e64", "dense14b", 4096, "v6e-64", fsdp=64, remat="full"),
+    Row("14b-32k-v5p64", "dense14b", 32768, "v5p-64", fsdp=32, remat="full"),
+    Row("40b-4k-v5p128", "loop40b", 4096, "v5p-128", fsdp=64, remat="full"),
+    Row("40b-4k-v4-256", "loop40b", 4096, "v4-256", fsdp=128, remat="full"),
+    Row("40b-32k-v5p256", "loop40b", 32768, "v5p-256", fsdp=128, remat="full"),
+]
+
+
+def experiment(row: Row, layers: int | None = None) -> ExperimentConfig:
+    raw = {
+        "model": {"preset": row.preset},
+        "runtime": {
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "remat": row.remat,
+            "attn_impl": row.attn,
+        },
+    }
+    exp = ExperimentConfig.from_dict(raw, {})
+    if layers is not None:
+        exp = exp.replace(model=exp.model.replace(num_hidden_layers=layers))
+    return exp.replace(
+        mesh=MeshConfig(data=1, fsdp=row.fsdp, tensor=row.tensor, sequence=1),
+        train=dataclasses.replace(
+            exp.train, seq_len=row.seq, batch_size=row.global_batch, grad_accum=1
+        ),
+    )
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, cwd=ROOT)
+        return out.stdout.decode().strip()
+    except OSError:
+        return "unknown"
+
+
+def run_rows(rows, count_flops: bool) -> None:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    for row in rows:
+        t0 = time.perf_counter()
+        try:
+            plan = aot.plan(experiment(row), row.topology, "train", count_flops=count_flops)
+            record = plan.to_json()
+        except Exception as e:  # noqa: BLE001 - a failed row is a result too
+            record = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        record.update(
+            bench="tpu_plan",
+            row=row.id,
+            preset=row.preset,
+            wall_seconds=time.perf_counter() - t0,
+            host=f"{platform.node()} ({os.cpu_count()} CPUs)",
+            git_sha=_git_sha(),
+            date=time.strftime("%Y-%m-%d"),
+        )
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def _mini(layers: int, attn: str, scan: bool = True) -> ExperimentConfig:
+    """A 1024-wide LoopCoder (8 heads of 128, GQA 2, W=64, vocab 32k) on v5p-8, seq 4096."""
+    raw = {
+        "model": {
+            "preset": "loop40b",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "vocab_size": 32768,
+        },
+        "runtime": {"dtype": "bfloat16", "attn_impl": attn, "scan_layers": scan, "remat": "full"},
+    }
+    exp = ExperimentConfig.from_dict(raw, {})
+    return exp.replace(
+        mesh=MeshConfig(data=1, fsdp=4, tensor=1, sequence=1),
+        train=dataclasses.replace(exp.train, seq_len=4096, batch_size=4, grad_accum=1),
+    )
+
+
+def _append(record: dict) -> None:
+    record.update(
+        host=f"{platform.node()} ({os.cpu_count()} CPUs)",
+        git_sha=_git_sha(),
+        date=time.strftime("%Y-%m-%d"),
+    )
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def depth_ratio() -> None:
+    """Compile time of the scanned train step at 14 vs 80 layers (the 7B and 40B depths) of
+    the 1024-wide stand-in on v5p-8: the scan makes it independent of depth. (Full width
+    compiles take ~10 min each on the 2-core dev box; width does not change the argument.)"""
+    times = {}
+    for layers in (14, 80):
+        plan = aot.plan(_mini(layers, "auto"), "v5p-8", "train", count_flops=False)
+        times[layers] = plan.compile_seconds
+    _append(
+        {
+            "bench": "tpu_compile_depth",
+            "compile_seconds_14": times[14],
+            "compile_seconds_80": times[80],
+            "ratio_80_over_14": times[80] / times[14],
+        }
+    )
+
+
+def splash_vs_xla() -> None:
+    """The 4-layer stand-in through splash and through XLA attention, layers unrolled (so the
+    XLA program's cost analysis is complete), on v5p-8 at 4k tokens."""
+    for attn in ("xla", "splash"):
+        plan = aot.plan(_mini(4, attn, scan=False), "v5p-8", "train", count_flops=False)
+        _append({"bench": "tpu_splash_vs_xla", **plan.to_json()})
+
+
+def _counted(record: dict) -> bool:
+    """FLOPs/time are complete: counted with unrolled layers, attention costed."""
+    notes = " ".join(record.get("notes", []))
+    unrolled = "unrolled" in notes
+    attention_missing = "own cost estimate" in notes or "leave attention out" in notes
+    return unrolled and not attention_missing
+
+
+def markdown() -> str:
+    """The table, from the newest record of each row in the results file."""
+    latest = {}
+    with open(RESULTS) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("bench") == "tpu_plan":
+                latest[r["row"]] = r
+    head = (
+        "| model | seq | slice | mesh | remat | batch | HBM/chip (GiB) | fits | "
+        "compiled/analytic FLOPs | est. step (s) | est. MFU bound | host compile (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for row in ROWS:
+        r = latest.get(row.id)
+        mesh = f"fsdp={row.fsdp}" + (f", tensor={row.tensor}" if row.tensor > 1 else "")
+        if r is None:
+            cells = ["not run"] + [""] * 5
+        elif "error" in r:
+            cells = [f"error: {r['error'][:60]}"] + [""] * 5
+        else:
+            hbm = r["hbm_bytes"] / aot.GiB
+            ok = _counted(r)
+            ratio = r.get("flops_ratio") if ok else None
+            sec = r.get("optimal_seconds") if ok else None
+            mfu = r.get("mfu_bound_estimate") if ok else None
+            if sec is not None and sec <= 0:  # v4's cost model: see aot.plan
+                sec = mfu = None
+            total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+            cells = [
+                f"{total / aot.GiB:.1f} / {hbm:.0f}",
+                "yes" if total <= r["hbm_bytes"] else "**no**",
+                f"{ratio:.2f}" if ratio else "n/a",
+                f"{sec:.2f}" if sec else "n/a",
+                f"{100 * mfu:.0f}%" if mfu else "n/a",
+                f"{r['compile_seconds']:.0f}",
+            ]
+        lines.append(
+            f"| {row.preset} | {row.seq // 1024}k | {row.topology} | {mesh} | {row.remat} | "
+            f"{row.global_batch} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", nargs="*", help=f"row ids (default: all): {[r.id for r in ROWS]}")
+    p.add_argument("--no-flop-count", action="store_true")
+    p.add_argument("--depth-ratio", action="store_true")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--splash-vs-xla", action="store_true")
+    args = p.parse_args()
+    if args.markdown:
+        print(markdown())
+    elif args.splash_vs_xla:
+        splash_vs_xla()
+    elif args.depth_ratio:
+        depth_ratio()
+    else:
+        wanted = set(args.rows or [r.id for r in ROWS])
+        unknown = wanted - {r.id for r in ROWS}
+        if unknown:
+            sys.exit(f"unknown rows {sorted(unknown)}")
+        order = args.rows or [r.id for r in ROWS]  # in the order asked for
+        by_id = {r.id: r for r in ROWS}
+        run_rows([by_id[i] for i in order], count_flops=not args.no_flop_count)
+
+
+if __name__ == "__main__":
+    main()

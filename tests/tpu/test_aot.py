@@ -1,0 +1,211 @@
+"""AOT planner: compiles the real steps for TPU topologies with libtpu on this CPU machine."""
+
+import dataclasses
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from loopcoder_jax import aot
+from loopcoder_jax.cache import cache_bytes
+from loopcoder_jax.config import ExperimentConfig, MeshConfig, RuntimeConfig, preset
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) not installed"
+)
+
+
+def _tiny_experiment(**train) -> ExperimentConfig:
+    exp = ExperimentConfig.from_dict(
+        # XLA attention: splash's FLOPs are only its own estimate (test_splash_compiles...).
+        {"model": {"preset": "tiny"}, "runtime": {"dtype": "bfloat16", "attn_impl": "xla"}},
+        {},
+    )
+    return exp.replace(
+        mesh=MeshConfig(data=1, fsdp=4, tensor=2, sequence=1),
+        train=dataclasses.replace(exp.train, batch_size=8, seq_len=256, **train),
+    )
+
+
+# ---------------------------------------------------------------------------- no compiler
+@pytest.mark.parametrize(
+    "name, chips, grid, kind",
+    [
+        ("v4-8", 4, (2, 2, 1), "v4"),
+        ("v5p-128", 64, (4, 4, 4), "v5"),
+        ("v5p-1024", 512, (8, 8, 8), "v5"),
+        ("v5e-16", 16, (4, 4), "v5e"),
+        ("v5litepod-256", 256, (16, 16), "v5e"),
+        ("v6e-64", 64, (8, 8), "v6e"),
+    ],
+)
+def test_parse_topology(name, chips, grid, kind):
+    topo = aot.parse_topology(name)
+    assert topo.num_chips == chips and topo.grid == grid
+    assert topo.libtpu_name == f"{kind}:{'x'.join(map(str, grid))}"
+
+
+@pytest.mark.parametrize("bad", ["v5p-7", "v7-8", "tpu-128", "v5e-12"])
+def test_bad_topology_names_the_fix(bad):
+    with pytest.raises(aot.PlannerError, match="v5p-128|sizes"):
+        aot.parse_topology(bad)
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
+    )
+    rc = aot.main(["--preset", "tiny", "--topology", "v5e-8"])
+    assert rc == 2
+    assert "pip install 'loopcoder-jax[tpu]'" in capsys.readouterr().err
+
+
+def test_collectives_parsed_from_hlo():
+    hlo = """
+  %all-gather.3 = bf16[8,1024]{1,0} all-gather(bf16[2,1024]{1,0} %p), dimensions={0}
+  %ags = (f32[16]{0}, f32[64]{0}) all-gather-start(f32[16]{0} %x), dimensions={0}
+  %agd = f32[64]{0} all-gather-done((f32[16]{0}, f32[64]{0}) %ags)
+  %ar = f32[4,4]{1,0} all-reduce(f32[4,4]{1,0} %y), to_apply=%add
+  %rs.1 = f32[2]{0} reduce-scatter(f32[8]{0} %z), dimensions={0}
+"""
+    got = aot.collectives_in_hlo(hlo)
+    assert got == {
+        "all-gather": {"count": 2, "bytes": 8 * 1024 * 2 + 64 * 4},
+        "all-reduce": {"count": 1, "bytes": 64},
+        "reduce-scatter": {"count": 1, "bytes": 8},
+    }
+
+
+def test_plan_verdict_and_report():
+    plan = aot.Plan(
+        topology="v5e-8", device_kind="TPU v5 lite", num_chips=8, mesh={"fsdp": 8},
+        mode="train", seq_len=4096, global_batch=8, remat="full", attn_impl="splash",
+        dtype="bfloat16", argument_bytes=10 * aot.GiB, output_bytes=10 * aot.GiB,
+        alias_bytes=10 * aot.GiB, temp_bytes=7 * aot.GiB, peak_bytes=0, hbm_bytes=16 * aot.GiB,
+        compiled_flops_per_chip=1.5e15, analytic_flops=8e15, optimal_seconds=10.0,
+        peak_flops_per_chip=197e12, collectives={}, compile_seconds=1.0,
+    )  # fmt: skip
+    assert plan.total_bytes == 17 * aot.GiB and not plan.fits
+    assert plan.flops_ratio == pytest.approx(1.5)
+    assert plan.mfu_bound == pytest.approx(8e15 / (10.0 * 8 * 197e12))
+    text = plan.report()
+    assert "DOES NOT FIT" in text and "(ESTIMATE)" in text and "ratio 1.50" in text
+
+
+@pytest.mark.slow
+def test_flop_count_extrapolation_is_exact_on_cpu():
+    """Depth-1/2 unrolled compiles extrapolated to 3 layers == a 3-layer unrolled compile.
+
+    Checked on the 8 CPU devices (cost_analysis reports FLOPs there too; no libtpu needed).
+    """
+    exp = _tiny_experiment()
+    exp = exp.replace(model=exp.model.replace(num_hidden_layers=3))
+    plan = aot.plan(exp, "v5e-8", "train", devices=jax.devices()[:8])
+    direct = aot._counting_config(exp, 3)
+    mesh = aot.sh.make_mesh(exp.mesh, jax.devices()[:8])
+    want = aot._cost(aot._lower(direct, mesh, aot.sh.get_rules("fsdp_tp"), "train").compile())
+    # Equal up to the compiler's fusion choices in the O(params) optimizer update (~1e-4).
+    assert plan.compiled_flops_per_chip == pytest.approx(want[0], rel=1e-3)
+    # and the scanned program undercounts: its body is counted once
+    scanned = aot.plan(exp, "v5e-8", "train", devices=jax.devices()[:8], count_flops=False)
+    assert scanned.compiled_flops_per_chip < 0.9 * plan.compiled_flops_per_chip
+
+
+# ---------------------------------------------------------------------------- with libtpu
+@pytest.fixture(scope="module")
+def tiny_train_plan():
+    return aot.plan(_tiny_experiment(), "v5e-8", "train")
+
+
+@needs_libtpu
+def test_train_plan_on_v5e_8(tiny_train_plan):
+    p = tiny_train_plan
+    assert p.device_kind == "TPU v5 lite" and p.num_chips == 8 and p.fits
+    assert p.mesh == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+    # Arguments hold this chip's shard of params + 2 Adam moments (f32): between a fully
+    # sharded and a fully replicated copy.
+    exp = _tiny_experiment()
+    n = exp.model.num_params()
+    assert 3 * 4 * n / 8 <= p.argument_bytes <= 3 * 4 * n + 2**20
+    assert p.alias_bytes > 0  # the state is donated
+    # Compiled FLOPs >= the model FLOPs (dense causal score blocks, tiny-matmul padding
+    # aside) and within a small factor: a mistake in the depth extrapolation would be 2x off.
+    assert 0.9 < p.flops_ratio < 3.0
+    assert p.optimal_seconds > 0 and 0 < p.mfu_bound < 1
+    # FSDP gathers the weights; gradients are reduced.
+    assert p.collectives["all-gather"]["count"] > 0
+    assert {"all-reduce", "reduce-scatter"} & set(p.collectives)
+
+
+@needs_libtpu
+def test_decode_plan_from_cli(capsys):
+    rc = aot.main(
+        ["--preset", "tiny", "--topology", "v4-8", "--mesh", "fsdp=2", "tensor=2",
+         "--seq", "512", "--global-batch", "4", "--mode", "decode", "--no-flop-count", "--json"]
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] and out["mode"] == "decode"
+    assert out["device_kind"] == "TPU v4" and out["num_chips"] == 4
+    # The donated cache is an argument: this chip's quarter (batch over fsdp, kv heads
+    # over tensor) of the bf16 K/V of 4 rows x 512 positions.
+    cache = cache_bytes(preset("tiny"), 4, 512, jnp.bfloat16)
+    assert out["argument_bytes"] >= cache / 4 and out["alias_bytes"] >= cache / 4
+
+
+@needs_libtpu
+def test_splash_compiles_for_v5p():
+    """head_dim 128 (the TPU lane width, as in the real models) through the Pallas kernel."""
+    exp = _tiny_experiment()
+    model = exp.model.replace(
+        hidden_size=256, num_attention_heads=2, num_key_value_heads=2, head_dim=128
+    )
+    exp = exp.replace(
+        model=model,
+        runtime=RuntimeConfig(dtype="bfloat16", attn_impl="auto"),
+        mesh=MeshConfig(data=1, fsdp=4, tensor=1, sequence=1),
+    )
+    p = aot.plan(exp, "v5p-8", "train", count_flops=False)
+    assert p.device_kind == "TPU v5" and p.fits
+    assert any("Pallas kernels" in n for n in p.notes), p.notes
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_loop40b_plan_on_v5p_128():
+    """The question the planner exists for: 40B-Loop, 4k tokens, one sequence per chip."""
+    exp = ExperimentConfig.from_dict(
+        {"model": {"preset": "loop40b"}, "runtime": {"dtype": "bfloat16", "remat": "full"}}, {}
+    )
+    exp = exp.replace(
+        mesh=MeshConfig(data=1, fsdp=64, tensor=1, sequence=1),
+        train=dataclasses.replace(exp.train, batch_size=64, seq_len=4096),
+    )
+    p = aot.plan(exp, "v5p-128", "train", count_flops=False)
+    assert p.num_chips == 64 and p.device_kind == "TPU v5"
+    # f32 params + 2 Adam moments of ~40B parameters, FSDP-sharded 64 ways: ~7 GiB per chip.
+    n = exp.model.num_params()
+    assert 3 * 4 * n / 64 <= p.argument_bytes <= 1.1 * 3 * 4 * n / 64 + 2**30
+    assert p.fits, p.report()
+
+
+def test_compiler_oom_becomes_does_not_fit():
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (128.93G) exceeds available HBM (95.74G)."
+    )
+    assert aot._parse_oom(msg) == int(128.93 * 2**30)
+    assert aot._parse_oom("INTERNAL: something else") is None
+    topo = aot.parse_topology("v5p-16")
+    exp = _tiny_experiment()
+
+    class _Dev:
+        device_kind = "TPU v5"
+
+    class _Mesh:
+        shape = {"fsdp": 8}
+
+    p = aot._oom_plan(exp, topo, [_Dev()] * 8, _Mesh(), "train", aot._parse_oom(msg), 1.0)
+    assert not p.fits and "RESOURCE_EXHAUSTED" in p.report() and "DOES NOT FIT" in p.report()
