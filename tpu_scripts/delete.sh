@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 USAGE="Usage: tpu_scripts/delete.sh --yes [--dry-run]
 
 Deletes TPU VM \$TPU_NAME (QUEUED=1: queued resource \$QR_ID with its VM). Everything on
-the VMs' disks is lost: keep checkpoints in a gs:// bucket. --yes is required (no prompt).
+the VMs' disks is lost: keep checkpoints on the mounted bucket (/mnt/gcs). --yes is required (no prompt).
 
 ${COMMON_HELP}"
 

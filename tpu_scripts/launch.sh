@@ -13,8 +13,8 @@ the process ids from the TPU metadata, so all hosts form one job.
 Extra environment for the job: set JOB_ENV, e.g. JOB_ENV='LIBTPU_INIT_ARGS=--xla_tpu_scoped_vmem_limit_kib=65536'.
 
 Examples:
-  tpu_scripts/launch.sh train -- --config configs/loop7b.yaml --set train.run_dir=gs://bucket/runs/a
-  tpu_scripts/launch.sh infer -- --checkpoint gs://bucket/loop40b --prompt 'def fib(n):'
+  tpu_scripts/launch.sh train -- --config configs/dense7b.yaml --set train.run_dir=/mnt/gcs/runs/a
+  tpu_scripts/launch.sh infer -- --checkpoint /mnt/gcs/loop40b --prompt 'def fib(n):'
 
 ${COMMON_HELP}"
 

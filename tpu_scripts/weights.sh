@@ -14,8 +14,9 @@ Runs on worker 0 (conversion streams layer by layer; no TPU memory is used):
        SRC = /path/on/the/vm       -> used as is
   2. python -m loopcoder_jax.convert hf-to-orbax <local copy> DST --dtype DTYPE
 
-DST must be readable by every worker: use a gs:// bucket in the slice's region for multi-host
-jobs (Orbax reads and writes gs:// directly). Then: launch.sh train ... --set
+DST must be readable by every worker: a path on a bucket mounted at the same place on every
+worker (gcsfuse, e.g. /mnt/gcs/...) or a shared filesystem; gs:// URLs are not accepted yet
+(checkpoints commit by renaming a finished temporary directory). Then: launch.sh train ... --set
 train.init_from=DST, or launch.sh infer ... --checkpoint DST.
 
 ${COMMON_HELP}"
