@@ -451,9 +451,9 @@ def _parse_oom(message: str) -> int | None:
     return int(float(m.group(1)) * scale)
 
 
-def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
-    """The compiler refused the program for lack of HBM: report that as DOES NOT FIT."""
-    return Plan(
+def _plan_header(exp, topo, devices, mesh, mode) -> dict:
+    """The Plan fields that describe what was compiled (shared by every verdict)."""
+    return dict(
         topology=topo.name,
         device_kind=devices[0].device_kind,
         num_chips=len(devices),
@@ -464,6 +464,13 @@ def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
         remat=exp.runtime.remat.value,
         attn_impl=exp.runtime.attn_impl.value,
         dtype=exp.runtime.dtype,
+    )
+
+
+def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
+    """The compiler refused the program for lack of HBM: report that as DOES NOT FIT."""
+    return Plan(
+        **_plan_header(exp, topo, devices, mesh, mode),
         argument_bytes=0,
         output_bytes=0,
         alias_bytes=0,
@@ -566,16 +573,7 @@ def plan(
         )
     peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
     return Plan(
-        topology=topo.name,
-        device_kind=devices[0].device_kind,
-        num_chips=len(devices),
-        mesh=dict(mesh.shape),
-        mode=mode,
-        seq_len=exp.train.seq_len,
-        global_batch=exp.train.batch_size,
-        remat=exp.runtime.remat.value,
-        attn_impl=exp.runtime.attn_impl.value,
-        dtype=exp.runtime.dtype,
+        **_plan_header(exp, topo, devices, mesh, mode),
         argument_bytes=mem.argument_size_in_bytes,
         output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes,

@@ -148,6 +148,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
+        # No physical topology to respect (CPU, fake devices, odd slices): row-major order.
         grid = np.asarray(devices, dtype=object).reshape(shape)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)

@@ -30,9 +30,12 @@ def pytest_collection_modifyitems(config, items):
         _skip_unless_backend(item, "gpu")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
-    """2 layers, loop_num 2, W = 4, vocab 128, GQA 2: gemma's DummyGemma idea."""
+    """2 layers, loop_num 2, W = 4, vocab 128, GQA 2: gemma's DummyGemma idea.
+
+    Session-scoped so module-scoped fixtures can build on it; it is frozen, so sharing is safe.
+    """
     return ModelConfig(
         vocab_size=128,
         hidden_size=64,

@@ -385,6 +385,19 @@ def path_skip_reason(path: str) -> str | None:
     return None
 
 
+def classify_entry(raw: bytes, mode: str) -> tuple[str | None, str | None]:
+    """(path, skip reason or None) of a tree entry: unsafe names, symlinks, submodules, and
+    vendored/generated paths are skipped (one rule for snapshots and for transitions)."""
+    path, why = check_path(raw)
+    if why is None and mode == _MODE_SYMLINK:
+        why = "symlink"
+    elif why is None and mode == _MODE_SUBMODULE:
+        why = "submodule"
+    elif why is None:
+        why = path_skip_reason(path)
+    return path, why
+
+
 def content_skip_reason(data: bytes, cfg: CodeFlowConfig) -> tuple[str | None, str | None]:
     """(text, None) for usable file content, else (None, reason)."""
     if len(data) > cfg.max_file_bytes:
@@ -532,13 +545,7 @@ class _RepoBuilder:
         """Eligible (path, blob sha) of a commit's tree, sorted by path; skips are counted."""
         candidates = []
         for mode, sha, raw in self.git.ls_tree(commit):
-            path, why = check_path(raw)
-            if why is None and mode == _MODE_SYMLINK:
-                why = "symlink"
-            elif why is None and mode == _MODE_SUBMODULE:
-                why = "submodule"
-            elif why is None:
-                why = path_skip_reason(path)
+            path, why = classify_entry(raw, mode)
             if why:
                 self.skip(f"file: {why}")
             else:
@@ -627,13 +634,7 @@ class _RepoBuilder:
         for ch in changes:
             why = None
             for raw, mode in ((ch.old_path, ch.old_mode), (ch.new_path, ch.new_mode)):
-                path, why = check_path(raw)
-                if why is None and mode == _MODE_SYMLINK:
-                    why = "symlink"
-                elif why is None and mode == _MODE_SUBMODULE:
-                    why = "submodule"
-                elif why is None:
-                    why = path_skip_reason(path)
+                path, why = classify_entry(raw, mode)
                 if why:
                     break
             if why:

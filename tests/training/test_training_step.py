@@ -30,24 +30,8 @@ def _nonzero_gate(params, seed=1):
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    from loopcoder_jax.config import ModelConfig
-
-    return ModelConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        loop_num=2,
-        loop_window_size=4,
-        eos_token_id=(2,),
-        torch_dtype="float32",
-    )  # fmt: skip  (= the conftest tiny_config, module-scoped here)
+def cfg(tiny_config):
+    return tiny_config
 
 
 @pytest.fixture(scope="module")
