@@ -69,8 +69,10 @@ def shipped_corpus_path() -> str:
 class DataStats:
     """Counts of records read and skipped in this process (thread-safe).
 
-    `examples` holds (path, line, reason) of the first `MAX_REPORTED` malformed records; `line`
-    is the 1-based line of a JSONL file or the 0-based record index of an ArrayRecord file.
+    `examples` holds (path, line, reason) of the `MAX_REPORTED` malformed records that come first
+    by (path, line), kept sorted; `line` is the 1-based line of a JSONL file or the 0-based record
+    index of an ArrayRecord file. grain parses on several threads, so the order records are seen
+    in is not the file order: sorting keeps the report the same from run to run.
     """
 
     def __init__(self, process_index: int = 0, quiet: bool = False):
@@ -93,8 +95,8 @@ class DataStats:
             self.records_bad += 1
             self.reasons[reason.split(":")[0]] += 1
             n = self.records_bad
-            if len(self.examples) < MAX_REPORTED:
-                self.examples.append((path, line, reason))
+            bisect.insort(self.examples, (path, line, reason))
+            del self.examples[MAX_REPORTED:]
         if self.quiet:
             return
         if n <= MAX_REPORTED:

@@ -3,6 +3,7 @@ Orbax CheckpointManager), malformed records, startup errors, ArrayRecord, chat S
 
 import json
 import logging
+import re
 
 import grain
 import numpy as np
@@ -237,9 +238,25 @@ def test_malformed_records_counted_with_file_and_line(tmp_path, tok, caplog):
     for want, got in zip(kinds, reasons, strict=True):
         assert got.startswith(want)
     assert stats.reasons["not valid UTF-8"] == 1 and stats.reasons["not a JSON object"] == 1
-    assert f"{path}:3: invalid JSON" in caplog.text
+    # The log names the first few records as they are met (parse threads may reorder them).
+    logged = re.findall(r"skipped malformed record .*:(\d+): ", caplog.text)
+    assert len(logged) == pipeline.MAX_REPORTED
+    assert {int(n) for n in logged} <= {3 + 2 * i for i in range(len(bad_lines))}
+    assert f"{path}:3: invalid JSON" in stats.summary()
     assert "6 of 13 records skipped" in stats.summary()
     assert len(_stream_docs(batches, tok)) == len(bad_lines) + 1  # every good record trained
+
+
+def test_reported_examples_do_not_depend_on_arrival_order():
+    lines = list(range(1, 2 * pipeline.MAX_REPORTED + 1))
+    reports = []
+    for order in (lines, lines[::-1], lines[1::2] + lines[::2]):
+        stats = pipeline.DataStats(quiet=True)
+        for ln in order:
+            stats.bad("a.jsonl", ln, "invalid JSON: x")
+        reports.append(stats.examples)
+    assert reports[0] == reports[1] == reports[2]
+    assert [ln for _, ln, _ in reports[0]] == lines[: pipeline.MAX_REPORTED]
 
 
 def test_startup_errors_name_the_path_and_fix(tmp_path, tok):
