@@ -70,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="mesh axis sizes, e.g. data=2,fsdp=1,tensor=4 (-1 = the rest; default: 1 device)",
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
+    p.add_argument(
+        "--unroll-layers",
+        action="store_true",
+        help="unroll the layer loop instead of lax.scan: faster decode steps (per-layer weight "
+        "slices are hoisted out of the decode loop), longer compiles for deep models",
+    )
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt")
     dist = p.add_argument_group("multi-process (a multi-host TPU slice, or CPU processes)")
     dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
@@ -291,7 +297,10 @@ def run(args) -> int:
         stored = cfg.torch_dtype if cfg.torch_dtype in ("float32", "bfloat16") else "float32"
         dtype = args.dtype or stored
         try:
-            return get_engine(cfg, RuntimeConfig(dtype=dtype, param_dtype=dtype), mesh)
+            runtime = RuntimeConfig(
+                dtype=dtype, param_dtype=dtype, scan_layers=not args.unroll_layers
+            )
+            return get_engine(cfg, runtime, mesh)
         except GenerationError as e:
             raise InferError(str(e)) from None
 

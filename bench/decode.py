@@ -9,6 +9,7 @@ and the KV cache bytes against a dense model of equal depth (`cache_bytes`, loop
 Warm-up run first, then the median of `--repeats`. Prints one JSON line.
 
     python bench/decode.py [--preset tiny] [--prompt-len 64] [--new-tokens 128] [--repeats 3]
+                           [--unroll-layers]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from loopcoder_jax.cache import cache_bytes  # noqa: E402
-from loopcoder_jax.config import preset  # noqa: E402
+from loopcoder_jax.config import RuntimeConfig, preset  # noqa: E402
 from loopcoder_jax.convert import hf_to_params  # noqa: E402
 from loopcoder_jax.generate import Engine  # noqa: E402
 from tests.reference.torch_loopcoder import TorchLoopCoder  # noqa: E402
@@ -75,13 +76,19 @@ def main(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument(
+        "--unroll-layers",
+        action="store_true",
+        help="JAX engine with RuntimeConfig(scan_layers=False) (infer.py --unroll-layers)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
 
     cfg = preset(args.preset)
     ref = TorchLoopCoder(cfg.to_hf()).init_random_(seed=0, gate_scale=0.5, std=0.05).eval()
     params = hf_to_params(cfg, {k: v.numpy() for k, v in ref.state_dict().items()})
-    engine = Engine(cfg, length_bucket=args.prompt_len)
+    runtime = RuntimeConfig(scan_layers=not args.unroll_layers)
+    engine = Engine(cfg, runtime, length_bucket=args.prompt_len)
     params = engine.shard_params(params)
     rng = np.random.default_rng(0)
     result = dict(
@@ -93,6 +100,7 @@ def main(argv=None):
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         torch_threads=args.torch_threads,
+        jax_layers="unrolled" if args.unroll_layers else "scan",
         repeats=args.repeats,
     )
     for b in (int(x) for x in args.batches.split(",")):

@@ -22,8 +22,10 @@ from loopcoder_jax.config import ModelConfig
 class LoopCache:
     """Decoding state; a pytree, passed into and returned from every step.
 
-    global_k, global_v: [L, B, S, K, H] loop-0 keys/values (post-RoPE) by position.
-    local_k, local_v: [C, L, B, W, K, H] ring buffers of loops 1..loop_num-1.
+    global_k, global_v: [L, B, K, S, H] loop-0 keys/values (post-RoPE) by position.
+    local_k, local_v: [C, L, B, K, W, H] ring buffers of loops 1..loop_num-1.
+    Heads-major (K before S) so decode attention reads the cache in place (see
+    `kernels.cached_attention`).
     lengths: [B] int32 tokens already in the cache per row (= position of the next token).
     """
 
@@ -35,15 +37,15 @@ class LoopCache:
 
     @property
     def max_length(self) -> int:
-        return self.global_k.shape[2]
+        return self.global_k.shape[3]
 
 
 # Logical axes of each cache field, for sharding it by the same rules as the model.
 CACHE_AXES = LoopCache(
-    global_k=(sh.LAYERS, sh.BATCH, sh.KV_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
-    global_v=(sh.LAYERS, sh.BATCH, sh.KV_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
-    local_k=(sh.CACHE_LOOPS, sh.LAYERS, sh.BATCH, None, sh.ACT_KV_HEADS, sh.HEAD_DIM),
-    local_v=(sh.CACHE_LOOPS, sh.LAYERS, sh.BATCH, None, sh.ACT_KV_HEADS, sh.HEAD_DIM),
+    global_k=(sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.KV_LENGTH, sh.HEAD_DIM),
+    global_v=(sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.KV_LENGTH, sh.HEAD_DIM),
+    local_k=(sh.CACHE_LOOPS, sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, None, sh.HEAD_DIM),
+    local_v=(sh.CACHE_LOOPS, sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, None, sh.HEAD_DIM),
     lengths=(sh.BATCH,),
 )
 
@@ -53,10 +55,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32)
     layers, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     c, w = cfg.loop_num - 1, cfg.loop_window_size
     return LoopCache(
-        global_k=jnp.zeros((layers, batch, max_length, k, h), dtype),
-        global_v=jnp.zeros((layers, batch, max_length, k, h), dtype),
-        local_k=jnp.zeros((c, layers, batch, w, k, h), dtype),
-        local_v=jnp.zeros((c, layers, batch, w, k, h), dtype),
+        global_k=jnp.zeros((layers, batch, k, max_length, h), dtype),
+        global_v=jnp.zeros((layers, batch, k, max_length, h), dtype),
+        local_k=jnp.zeros((c, layers, batch, k, w, h), dtype),
+        local_v=jnp.zeros((c, layers, batch, k, w, h), dtype),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
 

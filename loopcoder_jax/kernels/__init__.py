@@ -9,7 +9,7 @@ from loopcoder_jax.kernels.reference import (
     Causal,
     LocalWindow,
     MaskSpec,
-    attention_with_mask,
+    cached_attention,
 )
 
 
@@ -50,6 +50,6 @@ __all__ = [
     "LocalWindow",
     "MaskSpec",
     "attention",
-    "attention_with_mask",
+    "cached_attention",
     "resolve_impl",
 ]

@@ -138,16 +138,33 @@ def attention(q, k, v, mask: MaskSpec, segment_ids=None):
     return out.reshape(b, t, n, h)
 
 
-def attention_with_mask(q, k, v, mask):
-    """Attention of queries against an explicit key set (cached decoding).
+def cached_attention(q, k, v, mask):
+    """Attention of queries against a KV cache or ring buffer (cached decoding).
+
+    The cache is heads-major, [B, K, S, H]: both score and output contractions then run as
+    batched (B, K) matmuls on the stored layout. A length-major [B, S, K, H] cache costs a
+    transpose of the whole cache on every call, which made decode about 4x slower at batch 8
+    on CPU (bench/decode.py).
 
     Args:
       q: [B, T, N, H].
-      k, v: [B, S, K, H] (a KV cache or a ring buffer).
+      k, v: [B, K, S, H].
       mask: bool [B, T, S], True where the key is visible.
     Returns:
-      [B, T, N, H].
+      [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
-    out = _softmax_attend(_group(q, k.shape[2]), k, v, mask)
-    return out.reshape(b, t, n, h)
+    kh = k.shape[1]
+    # [B, T, N, H] -> [B, K, G*T, H]: queries of one kv head side by side, so both products
+    # below are plain batched (B, K) matmuls, probs @ v with v in its stored [S, H] order
+    # (letting XLA put v first made it a slow transposed-operand matmul on CPU).
+    qg = _group(q, kh).transpose(0, 2, 3, 1, 4).reshape(b, kh, -1, h)
+    dims = (((3,), (3,)), ((0, 1), (0, 1)))  # contract H, batch over (B, K)
+    # Scores and softmax in float32 whatever the compute dtype (DESIGN.md §1).
+    scores = jax.lax.dot_general(qg, k, dims, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, n // kh, t, -1) * h**-0.5  # [B, K, G, T, S]
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED), axis=-1)
+    probs = probs.astype(v.dtype).reshape(b, kh, -1, probs.shape[-1])
+    out = jax.lax.dot_general(probs, v, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, G*T, H]
+    out = out.reshape(b, kh, n // kh, t, h).transpose(0, 3, 1, 2, 4)
+    return out.astype(q.dtype).reshape(b, t, n, h)

@@ -133,43 +133,48 @@ class Attention(nn.Module):
             a = kernels.attention(q, k, v, kernels.Causal(), segment_ids, self.attn_impl)
         else:
             k0, v0 = shared_kv
-            global_out = kernels.attention(
-                q, k0, v0, kernels.Causal(), segment_ids, self.attn_impl
-            )
+            global_out = kernels.attention(q, k0, v0, kernels.Causal(), segment_ids, self.attn_impl)
             local_out = kernels.attention(
                 q, k, v, kernels.LocalWindow(self.window), segment_ids, self.attn_impl
             )
             a = self.loop_gate(q, x, global_out, local_out)
         return self._out(a), (k, v)
 
-    def decode(self, x, cos, sin, *, loop_idx: int, pos, global_kv, ring_kv=None):
+    def decode(self, x, cos, sin, *, loop_idx: int, pos, layer, global_kv, ring_kv=None):
         """One new token per row against the caches (DESIGN.md "Incremental decoding").
+
+        The caches come whole, stacked over layers, and go back with this layer's slot written
+        in place: slicing one layer out and stacking it back (scan xs/ys) would copy the whole
+        cache on every step.
 
         Args:
           x: [B, 1, D]; cos, sin: [B, 1, 1, H].
           pos: [B] int32 position of the new token in each row.
-          global_kv: loop-0 cache (k, v) of this layer, each [B, S, K, H]. Loop 0 writes the
-            new token into it; loops >= 1 read it (it already holds this token).
-          ring_kv: this loop's ring buffer (k, v), each [B, W, K, H]; slot = position % W.
+          layer: int32 scalar, this layer's index into the stacked caches.
+          global_kv: loop-0 caches (k, v), each [L, B, K, S, H]. Loop 0 writes the new token
+            into it; loops >= 1 read it (it already holds this token).
+          ring_kv: this loop's ring buffers (k, v), each [L, B, K, W, H]; slot = position % W.
         Returns:
           ([B, 1, D], updated cache pair): the global pair for loop 0, the ring pair otherwise.
         """
         q, k, v = self._qkv(x, cos, sin)
         rows = jnp.arange(x.shape[0])
         gk, gv = global_kv
+        # x[layer, rows, :, pos] is [B, K, H]: row b's slot at its own position, every kv head.
         if loop_idx == 0:
-            gk = gk.at[rows, pos].set(k[:, 0].astype(gk.dtype))
-            gv = gv.at[rows, pos].set(v[:, 0].astype(gv.dtype))
-        visible = jnp.arange(gk.shape[1])[None, None, :] <= pos[:, None, None]  # [B, 1, S]
-        global_out = kernels.attention_with_mask(q, gk, gv, visible)
+            gk = gk.at[layer, rows, :, pos].set(k[:, 0].astype(gk.dtype))
+            gv = gv.at[layer, rows, :, pos].set(v[:, 0].astype(gv.dtype))
+        visible = jnp.arange(gk.shape[3])[None, None, :] <= pos[:, None, None]  # [B, 1, S]
+        global_out = kernels.cached_attention(q, gk[layer], gv[layer], visible)
         if loop_idx == 0:
             return self._out(global_out), (gk, gv)
         rk, rv = ring_kv
-        w = rk.shape[1]
-        rk = rk.at[rows, pos % w].set(k[:, 0].astype(rk.dtype))
-        rv = rv.at[rows, pos % w].set(v[:, 0].astype(rv.dtype))
+        w = rk.shape[3]
+        rk = rk.at[layer, rows, :, pos % w].set(k[:, 0].astype(rk.dtype))
+        rv = rv.at[layer, rows, :, pos % w].set(v[:, 0].astype(rv.dtype))
         # Slot r holds the newest position <= pos that is congruent to r mod W; all W slots
         # are inside the window by construction, only slots never written (< 0) are masked.
         slot_pos = pos[:, None] - (pos[:, None] - jnp.arange(w)[None, :]) % w  # [B, W]
-        local_out = kernels.attention_with_mask(q, rk, rv, (slot_pos >= 0)[:, None, :])
+        visible = (slot_pos >= 0)[:, None, :]
+        local_out = kernels.cached_attention(q, rk[layer], rv[layer], visible)
         return self._out(self.loop_gate(q, x, global_out, local_out)), (rk, rv)

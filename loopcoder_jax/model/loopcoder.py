@@ -88,7 +88,7 @@ class DecoderLayer(nn.Module):
         )
         return self._mlp_block(h + a), kv
 
-    def decode(self, h, cos, sin, *, loop_idx: int, pos, global_kv, ring_kv=None):
+    def decode(self, h, cos, sin, *, loop_idx: int, pos, layer, global_kv, ring_kv=None):
         """[B, 1, D] -> ([B, 1, D], updated cache pair); see `Attention.decode`."""
         a, kv = self.self_attn.decode(
             self.input_layernorm(h),
@@ -96,6 +96,7 @@ class DecoderLayer(nn.Module):
             sin,
             loop_idx=loop_idx,
             pos=pos,
+            layer=layer,
             global_kv=global_kv,
             ring_kv=ring_kv,
         )
@@ -313,8 +314,9 @@ class LoopCoder(nn.Module):
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         logits = self.logits(last)[:, 0]
 
-        def pad_to_cache(x):  # [L, B, T, K, H] -> [L, B, S, K, H]
-            return jnp.pad(x, ((0, 0), (0, 0), (0, max_length - t), (0, 0), (0, 0)))
+        def pad_to_cache(x):  # [L, B, T, K, H] -> [L, B, K, S, H] (heads-major, see cache.py)
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, max_length - t), (0, 0), (0, 0)))
+            return jnp.swapaxes(x, 2, 3)
 
         gk, gv = loop_kvs[0]
         w = cfg.loop_window_size
@@ -322,8 +324,9 @@ class LoopCoder(nn.Module):
         slot_pos = (lengths - 1)[:, None] - ((lengths - 1)[:, None] - jnp.arange(w)) % w
         slot_pos = jnp.clip(slot_pos, 0, t - 1)  # never-written slots: masked at decode
 
-        def ring(x):  # [L, B, T, K, H] -> [L, B, W, K, H]
-            return jnp.take_along_axis(x, slot_pos[None, :, :, None, None], axis=2)
+        def ring(x):  # [L, B, T, K, H] -> [L, B, K, W, H]
+            x = jnp.take_along_axis(x, slot_pos[None, :, :, None, None], axis=2)
+            return jnp.swapaxes(x, 2, 3)
 
         rings = [(ring(k), ring(v)) for k, v in loop_kvs[1:]]
         local_k = jnp.stack([k for k, _ in rings]) if rings else self._empty_ring(gk)
@@ -338,8 +341,8 @@ class LoopCoder(nn.Module):
         return logits, cache
 
     def _empty_ring(self, like):
-        layers, b, _, k, h = like.shape
-        return jnp.zeros((0, layers, b, self.config.loop_window_size, k, h), like.dtype)
+        layers, b, k, _, h = like.shape
+        return jnp.zeros((0, layers, b, k, self.config.loop_window_size, h), like.dtype)
 
     def decode_step(self, token_ids, cache: LoopCache):
         """Appends one token per row. token_ids: [B, 1] -> (float32 logits [B, V], cache)."""
@@ -348,37 +351,40 @@ class LoopCoder(nn.Module):
         cos, sin = rope_frequencies(pos[:, None], cfg.head_dim, cfg.rope_theta)
         h = self.embed_tokens(token_ids)
         layer = self._layer()
-        gk, gv = cache.global_k, cache.global_v
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        global_kv = (cache.global_k, cache.global_v)
         local_k, local_v = [], []
         for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
-            if loop_idx == 0:
+            # Only the params are scanned over; the stacked caches ride in the carry and each
+            # layer writes its own slot in place (see `Attention.decode`).
+            ring_kv = None
+            if loop_idx > 0:
+                ring_kv = (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1])
 
-                def body0(h, xs):
-                    params, k, v = xs
-                    return layer.apply(
-                        {"params": params}, h, cos, sin, loop_idx=0, pos=pos,
-                        global_kv=(k, v), method=DecoderLayer.decode,
-                    )  # fmt: skip
+            def body(carry, xs, loop_idx=loop_idx):
+                h, global_kv, ring_kv = carry
+                params, i = xs
+                h, kv = layer.apply(
+                    {"params": params}, h, cos, sin, loop_idx=loop_idx, pos=pos, layer=i,
+                    global_kv=global_kv, ring_kv=ring_kv, method=DecoderLayer.decode,
+                )  # fmt: skip
+                return ((h, kv, ring_kv) if loop_idx == 0 else (h, global_kv, kv)), None
 
-                h, (gk, gv) = jax.lax.scan(body0, h, (self._loop_params(0), gk, gv))
-            else:
-
-                def body(h, xs, loop_idx=loop_idx):
-                    params, k, v, rk, rv = xs
-                    return layer.apply(
-                        {"params": params}, h, cos, sin, loop_idx=loop_idx, pos=pos,
-                        global_kv=(k, v), ring_kv=(rk, rv), method=DecoderLayer.decode,
-                    )  # fmt: skip
-
-                c = loop_idx - 1
-                xs = (self._loop_params(loop_idx), gk, gv, cache.local_k[c], cache.local_v[c])
-                h, (rk, rv) = jax.lax.scan(body, h, xs)
-                local_k.append(rk)
-                local_v.append(rv)
+            carry = (h, global_kv, ring_kv)
+            if self.runtime.scan_layers:
+                xs = (self._loop_params(loop_idx), layer_ids)
+                carry, _ = jax.lax.scan(body, carry, xs)
+            else:  # unrolled: static layer slices, hoisted out of an enclosing decode loop
+                for i in range(cfg.num_hidden_layers):
+                    carry, _ = body(carry, (_slice_layer(self._loop_params(loop_idx), i), i))
+            h, global_kv, ring_kv = carry
+            if loop_idx > 0:
+                local_k.append(ring_kv[0])
+                local_v.append(ring_kv[1])
         logits = self.logits(self.norm(h))[:, 0]
         new_cache = LoopCache(
-            global_k=gk,
-            global_v=gv,
+            global_k=global_kv[0],
+            global_v=global_kv[1],
             local_k=jnp.stack(local_k) if local_k else cache.local_k,
             local_v=jnp.stack(local_v) if local_v else cache.local_v,
             lengths=cache.lengths + 1,

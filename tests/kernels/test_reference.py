@@ -81,6 +81,7 @@ def test_masked_decode_attention_matches_dense():
     q, k, v = qkv(2, 1, 4, 2, 8, seed=6)
     _, kc, vc = qkv(2, 12, 4, 2, 8, seed=7)
     mask = jnp.asarray(np.arange(12)[None, None, :] <= np.array([5, 9])[:, None, None])
-    got = kernels.attention_with_mask(q, kc, vc, mask)
+    # the cache is heads-major: [B, K, S, H]
+    got = kernels.cached_attention(q, kc.swapaxes(1, 2), vc.swapaxes(1, 2), mask)
     want = dense_with_mask(q, kc, vc, mask)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

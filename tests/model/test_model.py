@@ -85,13 +85,14 @@ def test_bptt_grad_scale_is_identity_forward_and_scales_cross_loop_gradient(tiny
     )
 
 
-@pytest.mark.parametrize("loop_num", [2, 3])
-def test_ragged_prefill_then_decode_equals_full_forward(tiny_config, loop_num):
+@pytest.mark.parametrize("loop_num, scan_layers", [(2, True), (3, True), (3, False)])
+def test_ragged_prefill_then_decode_equals_full_forward(tiny_config, loop_num, scan_layers):
     """Right-padded prompts of different lengths (shorter and longer than W = 4), then decoding
-    far past W: every step's logits equal the full forward at that position."""
+    far past W: every step's logits equal the full forward at that position (the decode step
+    with its layer loop scanned and unrolled: they index the stacked cache differently)."""
     cfg = tiny_config.replace(loop_num=loop_num)
     params = init_params(cfg, seed=loop_num)
-    model = LoopCoder(cfg)
+    model = LoopCoder(cfg, RuntimeConfig(scan_layers=scan_layers))
     total, lengths = 24, np.array([2, 9])
     ids = np.asarray(ids_for(cfg, 2, total, seed=7))
     full = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
