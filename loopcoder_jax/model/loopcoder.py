@@ -355,32 +355,39 @@ class LoopCoder(nn.Module):
         global_kv = (cache.global_k, cache.global_v)
         local_k, local_v = [], []
         for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
-            # Only the params are scanned over; the stacked caches ride in the carry and each
-            # layer writes its own slot in place (see `Attention.decode`).
-            ring_kv = None
-            if loop_idx > 0:
-                ring_kv = (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1])
-
-            def body(carry, xs, loop_idx=loop_idx):
-                h, global_kv, ring_kv = carry
+            # Only the params are scanned over. The cache a loop writes (loop 0: the global
+            # K/V; later loops: their ring) rides in the carry, each layer writing its own slot
+            # in place (see `Attention.decode`); the global K/V that later loops only read is
+            # closed over, so the compiler sees it is not modified and copies nothing.
+            def body(carry, xs, loop_idx=loop_idx, global_kv=global_kv):
+                h, kv = carry
                 params, i = xs
+                if loop_idx == 0:
+                    caches = dict(global_kv=kv)
+                else:
+                    caches = dict(global_kv=global_kv, ring_kv=kv)
                 h, kv = layer.apply(
                     {"params": params}, h, cos, sin, loop_idx=loop_idx, pos=pos, layer=i,
-                    global_kv=global_kv, ring_kv=ring_kv, method=DecoderLayer.decode,
+                    method=DecoderLayer.decode, **caches,
                 )  # fmt: skip
-                return ((h, kv, ring_kv) if loop_idx == 0 else (h, global_kv, kv)), None
+                return (h, kv), None
 
-            carry = (h, global_kv, ring_kv)
+            if loop_idx == 0:
+                carry = (h, global_kv)
+            else:
+                carry = (h, (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1]))
             if self.runtime.scan_layers:
                 xs = (self._loop_params(loop_idx), layer_ids)
                 carry, _ = jax.lax.scan(body, carry, xs)
             else:  # unrolled: static layer slices, hoisted out of an enclosing decode loop
                 for i in range(cfg.num_hidden_layers):
                     carry, _ = body(carry, (_slice_layer(self._loop_params(loop_idx), i), i))
-            h, global_kv, ring_kv = carry
-            if loop_idx > 0:
-                local_k.append(ring_kv[0])
-                local_v.append(ring_kv[1])
+            h, kv = carry
+            if loop_idx == 0:
+                global_kv = kv
+            else:
+                local_k.append(kv[0])
+                local_v.append(kv[1])
         logits = self.logits(self.norm(h))[:, 0]
         new_cache = LoopCache(
             global_k=global_kv[0],
