@@ -265,6 +265,10 @@ class RuntimeConfig:
     bptt_grad_scale: scales the gradient that flows from loop k+1 back into loop k (through the
       hidden state and the shared loop-0 K/V); identity in the forward pass. 1.0 = plain BPTT,
       0.0 = truncated BPTT.
+    decode_block: keys per block when a decode step attends to the loop-0 cache; blocks past
+      the longest row are skipped, so a step costs O(current length), not O(cache length)
+      (`kernels.prefix_attention`). 0 = auto: 64 on CPU, 512 on TPU/GPU. A cache length that
+      is not a multiple of the block is read in one block (the `Engine` rounds its caches up).
     """
 
     dtype: str = "float32"
@@ -273,6 +277,7 @@ class RuntimeConfig:
     remat: Remat = Remat.NONE
     scan_layers: bool = True
     bptt_grad_scale: float = 1.0
+    decode_block: int = 0
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -293,6 +298,11 @@ class RuntimeConfig:
                     ) from None
         if not 0.0 <= float(self.bptt_grad_scale) <= 1.0:
             raise ConfigError(f"runtime.bptt_grad_scale={self.bptt_grad_scale} must lie in [0, 1].")
+        if not isinstance(self.decode_block, int) or self.decode_block < 0:
+            raise ConfigError(
+                f"runtime.decode_block={self.decode_block!r} must be a non-negative integer "
+                "(keys per block of decode attention; 0 = auto)."
+            )
 
     def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from loopcoder_jax import kernels
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.cache import CACHE_AXES, LoopCache, cache_bytes
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
@@ -189,6 +190,8 @@ class Engine:
         self.mesh = mesh if mesh is not None else single_device_mesh()
         self.rules = _rules_for_mesh(rules, self.mesh)
         self.length_bucket = length_bucket
+        platform = np.asarray(self.mesh.devices).flat[0].platform
+        self.decode_block = kernels.decode_block(runtime.decode_block, platform=platform)
         self.model = LoopCoder(cfg, runtime)
         self._check_mesh()
 
@@ -457,11 +460,12 @@ class Engine:
                 )
         # Shapes are bucketed so that nearby requests reuse one compiled program: the prompt
         # length T and the new-token buffer N to multiples of `length_bucket`, the batch to a
-        # power of two times the data-parallel size.
+        # power of two times the data-parallel size. The cache length S is a whole number of
+        # decode attention blocks, so a step reads only the blocks in use.
         longest = max(len(p) for p in prompts)
         t = _round_up(longest, self.length_bucket)
         n_buf = _round_up(max_new_tokens, self.length_bucket)
-        s = t + n_buf
+        s = _round_up(t + n_buf, self.decode_block)
         b_real = len(prompts)
         b = self.data_parallel * 2 ** math.ceil(math.log2(-(-b_real // self.data_parallel)))
         ids = np.zeros((b, t), np.int32)

@@ -10,7 +10,33 @@ from loopcoder_jax.kernels.reference import (
     LocalWindow,
     MaskSpec,
     cached_attention,
+    prefix_attention,
 )
+
+# Keys per block of decode attention when `RuntimeConfig.decode_block` is 0 (auto). Small
+# blocks skip the most unused cache but cost a loop iteration each: on CPU an iteration is
+# cheap next to reading keys; on TPU/GPU a bigger block keeps the step bandwidth bound.
+DECODE_BLOCK_CPU = 64
+DECODE_BLOCK_ACCELERATOR = 512
+
+
+def decode_block(requested: int, cache_length: int | None = None, platform: str | None = None):
+    """Keys per block of decode attention (see `prefix_attention`).
+
+    `requested` 0 picks the platform default (the mesh in force, else the default backend).
+    With `cache_length`, a length the block does not divide is read as one block.
+    """
+    if requested:
+        block = requested
+    else:
+        if platform is None:
+            from loopcoder_jax.kernels import splash  # imports Pallas: keep it off import path
+
+            platform = splash.mesh_platform()
+        block = DECODE_BLOCK_CPU if platform == "cpu" else DECODE_BLOCK_ACCELERATOR
+    if cache_length is not None and cache_length % block:
+        return cache_length
+    return block
 
 
 def resolve_impl(impl: AttnImpl, q_shape=None, k_shape=None) -> AttnImpl:
@@ -51,5 +77,7 @@ __all__ = [
     "MaskSpec",
     "attention",
     "cached_attention",
+    "decode_block",
+    "prefix_attention",
     "resolve_impl",
 ]

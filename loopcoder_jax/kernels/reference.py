@@ -168,3 +168,71 @@ def cached_attention(q, k, v, mask):
     out = jax.lax.dot_general(probs, v, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, G*T, H]
     out = out.reshape(b, kh, n // kh, t, h).transpose(0, 3, 1, 2, 4)
     return out.astype(q.dtype).reshape(b, t, n, h)
+
+
+def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
+    """Decode attention against each row's filled cache prefix, in blocks of keys.
+
+    Row b's queries see keys 0 .. lengths[b] - 1 of the cache (a decode step: the new token
+    sees every earlier position and itself). Keys are read `block` at a time with an online
+    softmax (as in flash decoding), and only the blocks up to the longest row are read: a step
+    costs O(current length), not O(cache length), so decoding the start of a long cache is as
+    cheap as decoding with a short one. Blocks are sliced straight out of a stacked cache
+    (`index` picks the leading entries, e.g. the layer), so no whole-layer copy is made.
+
+    Args:
+      q: [B, T, N, H] (all T queries of a row see the same keys: T = 1 when decoding).
+      k, v: [*I, B, K, S, H] caches, heads-major, with len(I) == len(index); S % block == 0.
+      lengths: [B] int32 visible keys per row, 1 <= lengths <= S.
+      block: keys per block.
+      index: int scalars (traced or static) indexing the leading I axes of k and v.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kh, s = k.shape[-3], k.shape[-2]
+    if s % block:
+        raise ValueError(f"cache length {s} is not a multiple of the decode block {block}")
+    g = n // kh
+    # [B, T, N, H] -> [B, K, G*T, H]: see `cached_attention` for the layout.
+    qg = _group(q, kh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+    lengths = lengths.astype(jnp.int32)
+    num_blocks = (jnp.max(lengths) + block - 1) // block
+    lead = len(index)
+    sizes = (1,) * lead + (b, kh, block, h)
+
+    def read(cache, start):
+        starts = (*index, 0, 0, start, 0)
+        return jax.lax.dynamic_slice(cache, starts, sizes).reshape(b, kh, block, h)
+
+    def body(j, carry):
+        m, denom, acc = carry  # running max, softmax denominator, unnormalised output
+        start = j * block
+        kb, vb = read(k, start), read(v, start)
+        # Scores, softmax and the running sums in float32 whatever the compute dtype.
+        scores = jax.lax.dot_general(
+            qg, kb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+        )  # [B, K, G*T, block]
+        scores = scores * h**-0.5
+        visible = (start + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
+        scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        denom = denom * rescale + p.sum(axis=-1)
+        pv = jax.lax.dot_general(
+            p.astype(vb.dtype), vb, (((3,), (2,)), ((0, 1), (0, 1))),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return m_new, denom, acc * rescale[..., None] + pv
+
+    init = (
+        jnp.full((b, kh, g * t), _MASKED, jnp.float32),
+        jnp.zeros((b, kh, g * t), jnp.float32),
+        jnp.zeros((b, kh, g * t, h), jnp.float32),
+    )
+    # Block 0 always holds a visible key (lengths >= 1), so `denom` is > 0 after the first block;
+    # a later block a shorter row cannot see contributes exp(MASKED - m) = 0.
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = (acc / denom[..., None]).reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)
+    return out.astype(q.dtype).reshape(b, t, n, h)

@@ -90,6 +90,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attn_impl: AttnImpl = AttnImpl.XLA  # kernel for the full-sequence branches
+    decode_block: int = 0  # keys per block of decode attention (RuntimeConfig.decode_block)
 
     def setup(self):
         d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -164,8 +165,9 @@ class Attention(nn.Module):
         if loop_idx == 0:
             gk = gk.at[layer, rows, :, pos].set(k[:, 0].astype(gk.dtype))
             gv = gv.at[layer, rows, :, pos].set(v[:, 0].astype(gv.dtype))
-        visible = jnp.arange(gk.shape[3])[None, None, :] <= pos[:, None, None]  # [B, 1, S]
-        global_out = kernels.cached_attention(q, gk[layer], gv[layer], visible)
+        # Only the filled prefix (positions <= pos) is read, block by block.
+        block = kernels.decode_block(self.decode_block, gk.shape[3])
+        global_out = kernels.prefix_attention(q, gk, gv, pos + 1, block=block, index=(layer,))
         if loop_idx == 0:
             return self._out(global_out), (gk, gv)
         rk, rv = ring_kv

@@ -45,6 +45,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attn_impl: AttnImpl = AttnImpl.XLA
+    decode_block: int = 0
 
     def setup(self):
         norm = functools.partial(
@@ -62,6 +63,7 @@ class DecoderLayer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attn_impl=self.attn_impl,
+            decode_block=self.decode_block,
         )
         self.post_attention_layernorm = norm()
         self.mlp = MLP(
@@ -193,6 +195,7 @@ class LoopCoder(nn.Module):
             dtype=self._dtype,
             param_dtype=self._param_dtype,
             attn_impl=self.runtime.attn_impl,
+            decode_block=self.runtime.decode_block,
             parent=None,
         )
 

@@ -13,18 +13,23 @@ import pytest
 from jax.sharding import Mesh
 
 from loopcoder_jax import sharding as sh
+from loopcoder_jax.config import RuntimeConfig
 from loopcoder_jax.generate import INSTRUCT_SAMPLING, Engine, GenerationError, Sampling
 from loopcoder_jax.model import LoopCoder
 
 from .helpers import W, random_params, random_prompts, tiny_cfg
 
 NEW = 40  # new tokens per prompt: 10 windows past the prompt
+# Decode attention reads the cache in blocks of keys, skipping blocks past the longest row.
+# Blocks of 8 keys make the generations here span several blocks, with ragged rows at
+# different block counts (the auto block on CPU is 64, longer than these runs).
+RUNTIME = RuntimeConfig(decode_block=8)
 
 
 @pytest.fixture(scope="module")
 def setup2():
     cfg = tiny_cfg(loop_num=2)
-    return cfg, random_params(cfg, seed=0), Engine(cfg)
+    return cfg, random_params(cfg, seed=0), Engine(cfg, RUNTIME)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_cached_decode_logits_equal_full_forward_everywhere(loop_num):
     """Teacher-forced prefill + decode steps vs one full forward, at every new position."""
     cfg = tiny_cfg(loop_num=loop_num)
     params = random_params(cfg, seed=loop_num)
-    engine = Engine(cfg)
+    engine = Engine(cfg, RUNTIME)
     prompts = random_prompts([3, 2 * W + 1], seed=loop_num)  # shorter and longer than W
     rng = np.random.default_rng(5)
     conts = [rng.integers(3, cfg.vocab_size, size=n).tolist() for n in (NEW, NEW - 7)]
@@ -130,7 +135,7 @@ def test_sharded_8_devices_equals_1_device(setup2, greedy_batch):
     cfg, params, engine = setup2
     prompts, free = greedy_batch
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    sharded = Engine(cfg, mesh=mesh)
+    sharded = Engine(cfg, RUNTIME, mesh=mesh)
     placed = sharded.shard_params(params)
     # The weights really are split: a kv-head-sharded k_proj holds half the heads per device.
     k_proj = placed["layers"]["self_attn"]["k_proj"]["kernel"]

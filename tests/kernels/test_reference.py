@@ -85,3 +85,40 @@ def test_masked_decode_attention_matches_dense():
     got = kernels.cached_attention(q, kc.swapaxes(1, 2), vc.swapaxes(1, 2), mask)
     want = dense_with_mask(q, kc, vc, mask)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("block", [4, 8, 24])
+def test_prefix_attention_matches_masked_dense_and_skips_unused_blocks(block):
+    """Ragged rows (one at a block edge, one shorter than a block), GQA, a stacked cache
+    indexed by a traced layer: equal to dense attention over each row's prefix. Blocks past
+    the longest row hold NaN, so reading one would poison the output."""
+    layers, b, s, n, kh, h = 3, 3, 24, 4, 2, 8
+    q, _, _ = qkv(b, 1, n, kh, h, seed=8)
+    _, k, v = qkv(b * layers, s, n, kh, h, seed=9)  # [L*B, S, K, H] -> stacked heads-major
+    k = k.reshape(layers, b, s, kh, h).swapaxes(2, 3)
+    v = v.reshape(layers, b, s, kh, h).swapaxes(2, 3)
+    lengths = np.array([3, 8, 13])
+    used = -(-lengths.max() // block) * block  # blocks up to the longest row
+    k_bad, v_bad = k.at[:, :, :, used:].set(jnp.nan), v.at[:, :, :, used:].set(jnp.nan)
+    layer = 1
+    got = jax.jit(
+        lambda q, k, v, n, i: kernels.prefix_attention(q, k, v, n, block=block, index=(i,))
+    )(q, k_bad, v_bad, jnp.asarray(lengths), jnp.int32(layer))
+    mask = jnp.asarray(np.arange(s)[None, None, :] < lengths[:, None, None])
+    want = dense_with_mask(q, k[layer].swapaxes(1, 2), v[layer].swapaxes(1, 2), mask)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_prefix_attention_rejects_a_block_that_does_not_divide_the_cache():
+    q, k, v = qkv(1, 1, 2, 2, 8, seed=1)
+    cache = jnp.zeros((1, 2, 12, 8))
+    with pytest.raises(ValueError, match="not a multiple of the decode block 8"):
+        kernels.prefix_attention(q, cache, cache, jnp.array([3]), block=8)
+
+
+def test_decode_block_auto_and_fallback():
+    assert kernels.decode_block(0, platform="cpu") == kernels.DECODE_BLOCK_CPU
+    assert kernels.decode_block(0, platform="tpu") == kernels.DECODE_BLOCK_ACCELERATOR
+    assert kernels.decode_block(16, 64) == 16
+    assert kernels.decode_block(16, 72) == 72  # does not divide: the whole cache, one block

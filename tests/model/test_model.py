@@ -85,14 +85,19 @@ def test_bptt_grad_scale_is_identity_forward_and_scales_cross_loop_gradient(tiny
     )
 
 
-@pytest.mark.parametrize("loop_num, scan_layers", [(2, True), (3, True), (3, False)])
-def test_ragged_prefill_then_decode_equals_full_forward(tiny_config, loop_num, scan_layers):
+@pytest.mark.parametrize(
+    "loop_num, scan_layers, decode_block", [(2, True, 0), (3, True, 8), (3, False, 8)]
+)
+def test_ragged_prefill_then_decode_equals_full_forward(
+    tiny_config, loop_num, scan_layers, decode_block
+):
     """Right-padded prompts of different lengths (shorter and longer than W = 4), then decoding
-    far past W: every step's logits equal the full forward at that position (the decode step
-    with its layer loop scanned and unrolled: they index the stacked cache differently)."""
+    far past W: every step's logits equal the full forward at that position. Covers the layer
+    loop scanned and unrolled (they index the stacked cache differently) and decode attention
+    in one block (auto: 64 does not divide the 24-long cache) and in blocks of 8."""
     cfg = tiny_config.replace(loop_num=loop_num)
     params = init_params(cfg, seed=loop_num)
-    model = LoopCoder(cfg, RuntimeConfig(scan_layers=scan_layers))
+    model = LoopCoder(cfg, RuntimeConfig(scan_layers=scan_layers, decode_block=decode_block))
     total, lengths = 24, np.array([2, 9])
     ids = np.asarray(ids_for(cfg, 2, total, seed=7))
     full = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
