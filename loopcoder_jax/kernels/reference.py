@@ -143,8 +143,8 @@ def cached_attention(q, k, v, mask):
 
     The cache is heads-major, [B, K, S, H]: both score and output contractions then run as
     batched (B, K) matmuls on the stored layout. A length-major [B, S, K, H] cache costs a
-    transpose of the whole cache on every call, which made decode about 4x slower at batch 8
-    on CPU (bench/decode.py).
+    transpose of the whole cache on every call (about 4x slower per call at batch 8 on CPU).
+    Used for the small ring buffers; the loop-0 cache goes through `prefix_attention`.
 
     Args:
       q: [B, T, N, H].
