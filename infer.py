@@ -270,22 +270,6 @@ def completion_text(tok, tokens, stop_ids) -> str:
     return tok.decode(tokens)
 
 
-def init_distributed(args) -> None:
-    """Every process runs the same command; only process 0 prints and writes the output."""
-    import jax
-
-    if args.coordinator or args.num_processes:
-        if os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    elif args.distributed:
-        jax.distributed.initialize()  # TPU pod slice: discovered from the environment
-
-
 def run(args) -> int:
     from loopcoder_jax.config import RuntimeConfig
     from loopcoder_jax.generate import GenerationError, get_engine
@@ -404,7 +388,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.distributed or args.coordinator or args.num_processes:
-            init_distributed(args)
+            from loopcoder_jax import distributed
+
+            distributed.initialize(args)
             import jax
 
             if jax.process_index() != 0:  # the others compute in lockstep, silently

@@ -61,28 +61,11 @@ def _overrides(args) -> dict[str, str]:
     return out
 
 
-def init_distributed(args) -> None:
-    import jax
-
-    if args.coordinator or args.num_processes:
-        if (
-            jax.config.jax_platforms in (None, "", "cpu")
-            or os.environ.get("JAX_PLATFORMS") == "cpu"
-        ):
-            # CPU processes need a collectives backend to talk to each other.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    elif args.distributed:
-        jax.distributed.initialize()  # TPU pod / SLURM: discovered from the environment
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    init_distributed(args)
+    from loopcoder_jax import distributed  # imports jax: keep it off the --help path
+
+    distributed.initialize(args)
 
     from loopcoder_jax.config import ConfigError, ExperimentConfig
     from loopcoder_jax.trainer import TrainingDivergedError, run

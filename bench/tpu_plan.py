@@ -109,17 +109,9 @@ def run_rows(rows, count_flops: bool) -> None:
         except Exception as e:  # noqa: BLE001 - a failed row is a result too
             record = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         record.update(
-            bench="tpu_plan",
-            row=row.id,
-            preset=row.preset,
-            wall_seconds=time.perf_counter() - t0,
-            host=f"{platform.node()} ({os.cpu_count()} CPUs)",
-            git_sha=_git_sha(),
-            date=time.strftime("%Y-%m-%d"),
+            bench="tpu_plan", row=row.id, preset=row.preset, wall_seconds=time.perf_counter() - t0
         )
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        _append(record)
 
 
 def _mini(layers: int, attn: str, scan: bool = True) -> ExperimentConfig:

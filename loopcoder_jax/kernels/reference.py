@@ -155,19 +155,34 @@ def cached_attention(q, k, v, mask):
     """
     b, t, n, h = q.shape
     kh = k.shape[1]
-    # [B, T, N, H] -> [B, K, G*T, H]: queries of one kv head side by side, so both products
-    # below are plain batched (B, K) matmuls, probs @ v with v in its stored [S, H] order
-    # (letting XLA put v first made it a slow transposed-operand matmul on CPU).
-    qg = _group(q, kh).transpose(0, 2, 3, 1, 4).reshape(b, kh, -1, h)
-    dims = (((3,), (3,)), ((0, 1), (0, 1)))  # contract H, batch over (B, K)
+    qg = _queries_by_kv_head(q, kh)
     # Scores and softmax in float32 whatever the compute dtype (DESIGN.md §1).
-    scores = jax.lax.dot_general(qg, k, dims, preferred_element_type=jnp.float32)
+    scores = jax.lax.dot_general(qg, k, _QK_DIMS, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, n // kh, t, -1) * h**-0.5  # [B, K, G, T, S]
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED), axis=-1)
     probs = probs.astype(v.dtype).reshape(b, kh, -1, probs.shape[-1])
-    out = jax.lax.dot_general(probs, v, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, G*T, H]
-    out = out.reshape(b, kh, n // kh, t, h).transpose(0, 3, 1, 2, 4)
-    return out.astype(q.dtype).reshape(b, t, n, h)
+    out = jax.lax.dot_general(probs, v, _PV_DIMS)  # [B, K, G*T, H]
+    return _from_kv_heads(out, t).astype(q.dtype)
+
+
+# Decode attention on a heads-major cache: queries grouped by kv head, [B, K, G*T, H], so both
+# products are plain batched (B, K) matmuls, probs @ v with v in its stored [S, H] order
+# (letting XLA put v first made it a slow transposed-operand matmul on CPU).
+_QK_DIMS = (((3,), (3,)), ((0, 1), (0, 1)))  # [B,K,G*T,H] x [B,K,S,H]: contract H
+_PV_DIMS = (((3,), (2,)), ((0, 1), (0, 1)))  # [B,K,G*T,S] x [B,K,S,H]: contract S
+
+
+def _queries_by_kv_head(q, num_kv_heads):
+    """[B, T, N, H] -> [B, K, G*T, H] (row g*T + t: query head k*G + g at position t)."""
+    b, t, n, h = q.shape
+    return _group(q, num_kv_heads).transpose(0, 2, 3, 1, 4).reshape(b, num_kv_heads, -1, h)
+
+
+def _from_kv_heads(out, t):
+    """Inverse of `_queries_by_kv_head`: [B, K, G*T, H] -> [B, T, N, H]."""
+    b, kh, gt, h = out.shape
+    out = out.reshape(b, kh, gt // t, t, h).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, kh * (gt // t), h)
 
 
 def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
@@ -194,8 +209,7 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
     if s % block:
         raise ValueError(f"cache length {s} is not a multiple of the decode block {block}")
     g = n // kh
-    # [B, T, N, H] -> [B, K, G*T, H]: see `cached_attention` for the layout.
-    qg = _group(q, kh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+    qg = _queries_by_kv_head(q, kh)  # [B, K, G*T, H]
     lengths = lengths.astype(jnp.int32)
     num_blocks = (jnp.max(lengths) + block - 1) // block
     lead = len(index)
@@ -210,10 +224,8 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
         start = j * block
         kb, vb = read(k, start), read(v, start)
         # Scores, softmax and the running sums in float32 whatever the compute dtype.
-        scores = jax.lax.dot_general(
-            qg, kb, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
-        )  # [B, K, G*T, block]
-        scores = scores * h**-0.5
+        scores = jax.lax.dot_general(qg, kb, _QK_DIMS, preferred_element_type=jnp.float32)
+        scores = scores * h**-0.5  # [B, K, G*T, block]
         visible = (start + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
         scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
         m_new = jnp.maximum(m, scores.max(axis=-1))
@@ -221,9 +233,8 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
         rescale = jnp.exp(m - m_new)
         denom = denom * rescale + p.sum(axis=-1)
         pv = jax.lax.dot_general(
-            p.astype(vb.dtype), vb, (((3,), (2,)), ((0, 1), (0, 1))),
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
+            p.astype(vb.dtype), vb, _PV_DIMS, preferred_element_type=jnp.float32
+        )
         return m_new, denom, acc * rescale[..., None] + pv
 
     init = (
@@ -234,5 +245,4 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
     # Block 0 always holds a visible key (lengths >= 1), so `denom` is > 0 after the first block;
     # a later block a shorter row cannot see contributes exp(MASKED - m) = 0.
     _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = (acc / denom[..., None]).reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)
-    return out.astype(q.dtype).reshape(b, t, n, h)
+    return _from_kv_heads(acc / denom[..., None], t).astype(q.dtype)
