@@ -202,8 +202,13 @@ def test_remat_policy_same_grads(cfg, params, batches, remat):
     for r in ("none", remat):
         m = LoopCoder(cfg, RuntimeConfig(remat=r))
         grads[r] = jax.jit(jax.grad(lambda p, m=m: tr.loss_sums(m, p, b, TC)[0]))(params)
+    # Remat only reorders float32 arithmetic, so differences are rounding noise. XLA:CPU picks
+    # different kernels on different CPUs, so an absolute 1e-6 floor flaked on elements whose
+    # gradient is ~1e-2; scale the floor to each leaf's own magnitude instead.
     for a, c in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
-        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+        a, c = np.asarray(a), np.asarray(c)
+        scale = float(np.max(np.abs(a))) or 1.0
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_nan_skip_policy_keeps_state(cfg, params, batches):
