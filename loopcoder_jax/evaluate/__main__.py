@@ -203,12 +203,12 @@ def run_humaneval(args) -> dict:
     t0 = time.perf_counter()
     gen_stats = None
     if args.completions:
-        try:
-            completions = he.read_completions(args.completions, problems)
+        try:  # without --limit: the problems the file has
+            wanted = problems if args.limit is not None else None
+            completions = he.read_completions(args.completions, wanted)
         except he.HumanEvalError as e:
             raise EvalError(str(e)) from None
-        if args.limit is None:  # score the problems the file has
-            problems = [p for p in problems if p["task_id"] in completions]
+        problems = [p for p in problems if p["task_id"] in completions]
         source = args.completions
         raw = None
     else:

