@@ -238,7 +238,10 @@ class Sandbox:
             expose=_hidden_interpreter(self.python) if uid is not None else None,
         )  # fmt: skip
         try:
-            return self._launch(cfg, program)
+            result = self._launch(cfg, program)
+            if self.mode == "uid" and result.cause == "timeout":
+                _reap_uid(self.python, uid, gid)  # no PID namespace took the strays down with it
+            return result
         finally:
             if host_dir is not None:
                 shutil.rmtree(host_dir, ignore_errors=True)
@@ -355,6 +358,15 @@ class Sandbox:
             return list(pool.map(one, programs))
 
 
+def _reap_uid(python: str, uid: int, gid: int) -> None:
+    """Kills every process of the (throwaway) `uid`: kill(-1) sent as that uid."""
+    reaper = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"
+    subprocess.run(
+        [python, "-I", "-S", "-c", reaper], user=uid, group=gid, extra_groups=[],
+        cwd="/", env={}, timeout=30, check=False,
+    )  # fmt: skip
+
+
 def _hidden_interpreter(python: str) -> dict | None:
     """{"path": install prefix, "cover": its top ancestor others cannot search}, or None.
 
@@ -380,10 +392,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 _PROBE = "import os, sys\nsys.exit(0 if os.getcwd() == os.environ['HOME'] else 3)\n"
 
 
-@functools.cache
 def probe(python: str | None = None) -> str:
     """The strongest mode that runs a trivial program here (cached per interpreter)."""
-    python = os.path.realpath(python or sys.executable)
+    return _probe(os.path.realpath(python or sys.executable))
+
+
+@functools.cache
+def _probe(python: str) -> str:
     candidates = ("namespaces", "uid", "rlimits") if os.geteuid() == 0 else ("userns", "rlimits")
     errors = []
     for mode in candidates:
