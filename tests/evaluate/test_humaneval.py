@@ -167,3 +167,14 @@ def test_generation_through_the_engine_then_scoring(tiny_ckpt, tmp_path):
         want = tok.decode(ids + new)[len(tok.decode(ids)) :]
         assert got[2 * i + j]["completion"] == want
     assert gen.stats["compile_s"] == 0.0  # the CLI's compiled programs were reused
+
+
+@pytest.mark.slow
+def test_every_canonical_solution_passes_in_the_sandbox(sandbox):
+    """All 164 reference solutions pass under the default limits: nothing in the jail (read-only
+    file system, no network, rlimits) breaks a correct HumanEval solution."""
+    problems = he.load_problems()
+    right = {p["task_id"]: [p["canonical_solution"]] for p in problems}
+    reports, summary = he.score(problems, right, sandbox, workers=2)
+    failed = [(r["task_id"], r["samples"][0]["detail"]) for r in reports if not r["passed"]]
+    assert failed == [] and summary["pass@1"] == 1.0
