@@ -66,14 +66,6 @@ def evaluate_perplexity(
     # batch_size=1 rows, batched here: the pipeline drops a last partial batch (training
     # wants full ones), an evaluation must not drop records.
     it = pipeline.make_train_iterator(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=1)
-    rows = [row for row in it]
-    stats = pipeline.data_stats(it).as_dict()
-    if not rows or stats["records_ok"] == 0:
-        raise PerplexityError(
-            f"{data_path} has no usable record ({stats['records_bad']} skipped as malformed: "
-            f"{stats['examples'][:2]}). Records are JSON objects with a string 'text' or a "
-            "'messages' list of {role, content}."
-        )
     model = LoopCoder(cfg, runtime or RuntimeConfig())
     tc = TrainConfig(loss_chunk=min(512, seq_len))
 
@@ -82,17 +74,33 @@ def evaluate_perplexity(
         _, (ce, _, count) = loss_sums(model, params, batch, tc)
         return ce, count
 
-    ce_total, count_total = 0.0, 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    def flush(chunk):
         batch = {k: np.concatenate([r[k] for r in chunk]) for k in BATCH_KEYS}
         pad = batch_size - len(chunk)  # zero rows: loss_mask 0, so they add nothing
         if pad:
             batch = {k: np.concatenate([v, np.zeros((pad, seq_len), v.dtype)]) for k, v in
                      batch.items()}  # fmt: skip
         ce, count = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
-        ce_total += float(ce)
-        count_total += float(count)
+        return float(ce), float(count)
+
+    # Streamed: host memory holds one batch of rows, whatever the size of the data.
+    ce_total, count_total, num_rows, chunk = 0.0, 0.0, 0, []
+    for row in it:
+        chunk.append(row)
+        num_rows += 1
+        if len(chunk) == batch_size:
+            ce, count = flush(chunk)
+            ce_total, count_total, chunk = ce_total + ce, count_total + count, []
+    if chunk:
+        ce, count = flush(chunk)
+        ce_total, count_total = ce_total + ce, count_total + count
+    stats = pipeline.data_stats(it).as_dict()
+    if num_rows == 0 or stats["records_ok"] == 0:
+        raise PerplexityError(
+            f"{data_path} has no usable record ({stats['records_bad']} skipped as malformed: "
+            f"{stats['examples'][:2]}). Records are JSON objects with a string 'text' or a "
+            "'messages' list of {role, content}."
+        )
     if count_total == 0:
         raise PerplexityError(
             f"{data_path}: no token is scored (chat records need assistant turns)."
@@ -107,7 +115,7 @@ def evaluate_perplexity(
         records=stats["records_ok"],
         records_skipped=stats["records_bad"],
         skipped_examples=stats["examples"],
-        rows=len(rows),
+        rows=num_rows,
         seq_len=seq_len,
         seconds=round(time.perf_counter() - t0, 2),
     )

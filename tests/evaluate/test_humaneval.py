@@ -95,6 +95,21 @@ def test_completions_file_is_scored_without_a_model(tmp_path, capsys):
     assert reports[2]["samples"][0]["status"] == "failed"
 
 
+def test_ten_samples_report_pass_at_10(tmp_path):
+    problems = he.load_problems(2)
+    sol = problems[0]["canonical_solution"]
+    rows = [{"task_id": "HumanEval/0", "completion": sol if i < 3 else "    return 1\n"}
+            for i in range(10)]  # fmt: skip
+    rows += [{"task_id": "HumanEval/1", "completion": "    return []\n"}] * 10
+    src = _write(tmp_path / "samples.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["--task", "humaneval", "--completions", src, "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # problem 0: 3 of 10 pass, problem 1: none; pass@10 = 1 - C(7, 10) / C(10, 10) = 1 for one
+    assert summary["pass@1"] == pytest.approx((0.3 + 0.0) / 2)
+    assert summary["pass@10"] == pytest.approx((1.0 + 0.0) / 2)
+
+
 @pytest.mark.parametrize(
     "lines,message",
     [
