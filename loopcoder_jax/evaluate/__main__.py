@@ -212,7 +212,7 @@ def run_humaneval(args) -> dict:
         source = args.completions
         raw = None
     else:
-        from loopcoder_jax.generate import GenerationError, get_engine
+        from loopcoder_jax.generate import GenerationError
 
         cfg, params, tok = load_model(args)
         sampling = args.samples > 1 or args.temperature not in (None, 0.0)
@@ -223,7 +223,7 @@ def run_humaneval(args) -> dict:
             batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
         try:
-            engine = get_engine(cfg, _runtime(args, cfg))
+            engine = he.engine_for(cfg, _runtime(args, cfg))
             completions, gen_stats = he.generate_completions(
                 engine, params, tok, problems, settings, log=_err
             )

@@ -152,7 +152,7 @@ def test_module_entry_point_runs_as_a_subprocess(tmp_path):
 def test_generation_through_the_engine_then_scoring(tiny_ckpt, tmp_path):
     from loopcoder_jax.config import RuntimeConfig
     from loopcoder_jax.data.tokenizer import load_tokenizer
-    from loopcoder_jax.generate import Sampling, get_engine
+    from loopcoder_jax.generate import Sampling
 
     cfg, params, path = tiny_ckpt
     out = tmp_path / "out"
@@ -171,7 +171,7 @@ def test_generation_through_the_engine_then_scoring(tiny_ckpt, tmp_path):
     stop = sorted({*cfg.eos_token_id, *tok.stop_ids})
     prompts = [tok.encode(p["prompt"]) for p in he.load_problems(2)]
     rows = sorted((len(ids), i, j) for i, ids in enumerate(prompts) for j in range(2))
-    engine = get_engine(cfg, RuntimeConfig(dtype="float32", param_dtype="float32"))
+    engine = he.engine_for(cfg, RuntimeConfig(dtype="float32", param_dtype="float32"))
     gen = engine.generate(
         params, [prompts[i] for _, i, _ in rows], 8, sampling=Sampling(0.8, None, 0.95),
         eos_ids=stop, seed=[i * 2 + j for _, i, j in rows],
