@@ -8,14 +8,15 @@ Modes (`CONFIG["mode"]`), strongest first; `sandbox.py` picks the first one that
   namespaces (root): new mount, network, PID, IPC and UTS namespaces. In the new mount
       namespace every mount except /dev, /dev/pts and /proc is remounted read-only, a fresh
       size-limited tmpfs is mounted on /tmp (the program's cwd and HOME live in it), and a new
-      /proc shows only the jail's processes. The program runs as PID 1 of its PID namespace
-      under a dedicated unprivileged uid/gid, with no_new_privs and a parent-death SIGKILL,
-      so when the launcher dies (timeout) the kernel kills every process in the namespace.
+      /proc shows only the jail's processes. A minimal init (PID 1 of the new PID namespace)
+      and the program (its child) run under a dedicated unprivileged uid/gid with
+      no_new_privs and a parent-death SIGKILL: when the launcher dies (timeout) init dies, and
+      with PID 1 gone the kernel kills every process left in the namespace.
   userns (not root, unprivileged user namespaces allowed): the same, inside a new user
       namespace that maps only the caller's own uid (no uid change is possible there).
   uid (root, namespaces refused, e.g. a locked-down container): dedicated uid, rlimits and a
       private temp directory; the network and world-writable paths (/tmp, /dev/shm) stay
-      reachable.
+      reachable. Init kills the uid's leftovers (kill(-1) as that uid) when the program ends.
   rlimits (neither): rlimits and a private temp directory only; the program can write
       wherever the user can. Only for code you would run anyway.
 Every mode applies the rlimits (CPU seconds, address space, processes, file size, open
