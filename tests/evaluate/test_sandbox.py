@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -47,6 +48,16 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def _gone(marker: str, within_s: float = 5.0) -> bool:
+    """True once no process carries `marker` (the kernel reaps a dead namespace quickly)."""
+    end = time.monotonic() + within_s
+    while _processes_with(marker):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _spawn_daemon(marker: str) -> str:
     """Program text: a detached `sleep` that tries to outlive the sample."""
     return f"import subprocess\nsubprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
@@ -72,14 +83,35 @@ def test_plain_program_passes_and_output_is_captured(sandbox):
     assert not r.passed and r.cause == "error: ValueError" and r.detail == "ValueError: nope"
 
 
+def _run_watching(sandbox, program: str, marker: str):
+    """Runs `program`; returns (result, seconds, whether its daemon was seen running)."""
+    with ThreadPoolExecutor(1) as pool:
+        t = time.monotonic()
+        future = pool.submit(sandbox.run, program)
+        seen = False
+        while not future.done():
+            seen = seen or bool(_processes_with(marker))
+            time.sleep(0.05)
+        return future.result(), time.monotonic() - t, seen
+
+
 def test_infinite_loop_times_out_and_leaves_nothing_behind(sandbox):
     marker = _marker()
-    t = time.monotonic()
-    r = sandbox.run(_spawn_daemon(marker) + "while True:\n    pass\n")
-    assert time.monotonic() - t < TIMEOUT + 3
+    r, seconds, seen = _run_watching(
+        sandbox, _spawn_daemon(marker) + "while True:\n    pass\n", marker
+    )
+    assert seen  # the daemon did start (so its absence below means something)
+    assert seconds < TIMEOUT + 8
     assert r.status == "failed" and r.cause == "timeout"
-    time.sleep(0.2)
-    assert _processes_with(marker) == []
+    assert _gone(marker), _processes_with(marker)
+
+
+def test_a_daemon_left_behind_dies_with_the_program(sandbox):
+    marker = _marker()
+    prog = _spawn_daemon(marker) + "import time\ntime.sleep(1)\n"
+    r, _, seen = _run_watching(sandbox, prog, marker)
+    assert seen and r.passed
+    assert _gone(marker), _processes_with(marker)
 
 
 def test_fork_bomb_is_contained(sandbox):
@@ -87,12 +119,10 @@ def test_fork_bomb_is_contained(sandbox):
     bomb = _spawn_daemon(marker) + (
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     )
-    t = time.monotonic()
-    r = sandbox.run(bomb)
-    assert time.monotonic() - t < TIMEOUT + 3
+    r, seconds, seen = _run_watching(sandbox, bomb, marker)
+    assert seen and seconds < TIMEOUT + 8
     assert r.status == "failed" and r.cause == "timeout"
-    time.sleep(0.2)
-    assert _processes_with(marker) == []
+    assert _gone(marker), _processes_with(marker)
     # a bomb that does not catch the error dies of it
     r = sandbox.run("import os\nwhile True:\n    os.fork()\n")
     assert r.status == "failed" and r.cause in ("process limit", "timeout")
