@@ -14,12 +14,33 @@ tokens with cross-document masking; a document that fits a row is never split
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import numpy as np
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@functools.lru_cache(maxsize=4)
+def _loss_sums_fn(cfg, runtime, loss_chunk: int):
+    """jit of (params, batch) -> (CE sum, scored-token count): the training loss, kept per
+    settings so repeated evaluations reuse its compiled programs."""
+    import jax
+
+    from loopcoder_jax.config import TrainConfig
+    from loopcoder_jax.model import LoopCoder
+    from loopcoder_jax.training import loss_sums
+
+    model, tc = LoopCoder(cfg, runtime), TrainConfig(loss_chunk=loss_chunk)
+
+    @jax.jit
+    def sums(params, batch):
+        _, (ce, _, count) = loss_sums(model, params, batch, tc)
+        return ce, count
+
+    return sums
 
 
 class PerplexityError(ValueError):
@@ -38,13 +59,10 @@ def evaluate_perplexity(
     runtime=None,
 ) -> dict:
     """Returns dict(loss, perplexity, tokens, records, records_skipped, rows, seconds, ...)."""
-    import jax
     import jax.numpy as jnp
 
-    from loopcoder_jax.config import DataConfig, RuntimeConfig, TrainConfig
+    from loopcoder_jax.config import DataConfig, RuntimeConfig
     from loopcoder_jax.data import pipeline
-    from loopcoder_jax.model import LoopCoder
-    from loopcoder_jax.training import loss_sums
 
     if seq_len < 2 or seq_len > cfg.max_position_embeddings:
         raise PerplexityError(
@@ -66,13 +84,7 @@ def evaluate_perplexity(
     # batch_size=1 rows, batched here: the pipeline drops a last partial batch (training
     # wants full ones), an evaluation must not drop records.
     it = pipeline.make_train_iterator(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=1)
-    model = LoopCoder(cfg, runtime or RuntimeConfig())
-    tc = TrainConfig(loss_chunk=min(512, seq_len))
-
-    @jax.jit
-    def sums(params, batch):
-        _, (ce, _, count) = loss_sums(model, params, batch, tc)
-        return ce, count
+    sums = _loss_sums_fn(cfg, runtime or RuntimeConfig(), min(512, seq_len))
 
     def flush(chunk):
         batch = {k: np.concatenate([r[k] for r in chunk]) for k in BATCH_KEYS}

@@ -68,7 +68,7 @@ def test_chat_records_score_only_assistant_tokens(tiny_ckpt, tmp_path):
     data.write_text(json.dumps(CHAT) + "\n" + "{broken\n")
     out = tmp_path / "out"
     argv = ["--task", "perplexity", "--checkpoint", path, "--data", str(data),
-            "--seq-len", "64", "--output", str(out)]  # fmt: skip
+            "--seq-len", "64", "--batch-size", "2", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     got = json.loads((out / "summary.json").read_text())
     tok = load_tokenizer(path)
