@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--data belongs to --task perplexity")
         if args.samples < 1:
             p.error("--samples must be >= 1")
+        if args.completions and (args.checkpoint or args.samples != 1):
+            p.error(
+                "--completions scores a file without a model: drop --checkpoint/--samples "
+                "(n is the number of lines per task in the file)"
+            )
         if args.limit is not None and args.limit < 1:
             p.error("--limit must be >= 1")
         if args.max_new_tokens < 1:

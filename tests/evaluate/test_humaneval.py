@@ -133,9 +133,14 @@ def test_missing_inputs_exit_2(tmp_path, capsys):
     argv = ["--task", "humaneval", "--checkpoint", str(tmp_path / "nope"), "--limit", "1"]
     assert main(argv) == 2
     assert "--checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["--task", "perplexity"])
-    assert e.value.code == 2
+    for argv in (
+        ["--task", "perplexity"],
+        ["--task", "humaneval", "--completions", "x.jsonl", "--samples", "10"],
+        ["--task", "humaneval", "--samples", "0"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
 
 
 def test_module_entry_point_runs_as_a_subprocess(tmp_path):
