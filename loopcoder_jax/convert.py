@@ -18,6 +18,7 @@ Public API (user guide: docs/conversion.md):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 import warnings
@@ -30,6 +31,8 @@ import tqdm
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import safetensors_io as sio
 from loopcoder_jax.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -220,10 +223,41 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
+def unused_gate_names(cfg: ModelConfig, names, shapes: Mapping[str, tuple] | None = None):
+    """The `model.gate_projections.*` tensors a loop_num=1 checkpoint of the official
+    `IQuestLoopCoderForCausalLM` class carries (it creates the gates whatever loop_num is), when
+    they have exactly this config's gate names and shapes; loop 0 never reads them."""
+    if cfg.loop_num != 1 or not cfg.is_released_architecture:
+        return set()
+    with_gate = cfg.replace(loop_num=2)
+    gates = {
+        name.format(i=i): tr.hf_shape(with_gate)
+        for name, _, tr in _GATE_ROWS
+        for i in range(cfg.num_hidden_layers)
+    }
+    found = {n for n in names if n.startswith("model.gate_projections.")}
+    if not found or not found <= set(gates):
+        return set()
+    if shapes is not None and any(tuple(shapes[n]) != gates[n] for n in found):
+        return set()
+    return found
+
+
 def check_names(cfg: ModelConfig, names, shapes: Mapping[str, tuple] | None = None):
-    """Raises `CheckpointError` naming missing/unexpected tensors and shape mismatches."""
+    """Raises `CheckpointError` naming missing/unexpected tensors and shape mismatches.
+
+    A loop_num=1 checkpoint's unused gate tensors (`unused_gate_names`) are accepted with a note.
+    """
     expected = expected_hf_shapes(cfg)
     names = set(names)
+    unused = unused_gate_names(cfg, names, shapes)
+    if unused:
+        log.warning(
+            "note: %d model.gate_projections.* tensors skipped: the gates are unused at "
+            "loop_num 1 (the official class writes them anyway).",
+            len(unused),
+        )
+        names -= unused
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     problems = []
@@ -394,6 +428,8 @@ def open_hf_checkpoint(path: str | os.PathLike, *, allow_mixed: bool = False):
     try:
         if os.path.isfile(path) and path.endswith(sio.PICKLE_SUFFIXES):
             sio.find_weight_files(path)  # raises the pickle refusal
+        if os.path.lexists(cfg_file):
+            sio.checked_member(cfg_dir, "config.json")
         if not os.path.exists(cfg_file):
             raise CheckpointError(
                 f"No config.json next to the weights in {cfg_dir}: download it with the weights "
@@ -526,11 +562,12 @@ def hf_to_orbax(
     The output is what `checkpoint.load_params` (`train.py --init-from`, `infer.py
     --checkpoint`) reads, onto any mesh. Returns the summary (tensors, bytes, seconds, MB/s).
     """
+    check_destination(dst)
     dtype = _as_dtype(dtype)
     cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
     dtype = dtype or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
-    total = sum(i.nbytes for i in reader.infos.values())
+    total = sum(reader.infos[n].nbytes for n in expected_hf_shapes(cfg))
     bar = _Progress(total, "hf-to-orbax", progress)
     with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
         for leaf_path, start, piece, full in _hf_pieces(cfg, reader, dtype, piece_bytes):
@@ -539,6 +576,17 @@ def hf_to_orbax(
             read = piece.size * stored.itemsize
             bar.update("/".join(leaf_path), read, n)
     return bar.summary(src=os.fspath(src), dst=w.path, dtype=_dtype_name(dtype))
+
+
+def check_destination(dst: str | os.PathLike) -> None:
+    """Refuses a DST that exists but is not a directory, before anything is read or written
+    (`--overwrite` replaces an earlier output directory, never some other file)."""
+    dst = os.fspath(dst)
+    if os.path.islink(dst) or (os.path.lexists(dst) and not os.path.isdir(dst)):
+        raise CheckpointError(
+            f"{dst} is a file or link, not an output directory; --overwrite only replaces a "
+            "directory this tool wrote. Remove it or pick another destination."
+        )
 
 
 def _write_hf(cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar) -> list[str]:
@@ -596,6 +644,7 @@ def save_hf_checkpoint(
     model.safetensors.index.json when more than one. Stacked leaves are copied to host one layer
     at a time. Returns the weight file names.
     """
+    check_destination(path)
     dtype = _as_dtype(dtype)
     rows = _leaf_rows(cfg)
     pieces, out_dtypes = [], {}
@@ -627,6 +676,7 @@ def orbax_to_hf(
     progress: bool = False,
 ) -> dict:
     """Converts a params-only Orbax checkpoint to a HF checkpoint, one Orbax group at a time."""
+    check_destination(dst)
     src = os.fspath(src)
     dtype = _as_dtype(dtype)
     cfg = ckpt.load_config(src)
@@ -790,6 +840,7 @@ def fold_checkpoint(
     Reads only the dense layers each output slab needs. A params-only Orbax source is loaded
     whole (host memory = the dense model), then folded.
     """
+    check_destination(dst)
     src = os.fspath(src)
     if os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)):
         dense_cfg, params = ckpt.load_params(src)
@@ -813,7 +864,7 @@ def fold_checkpoint(
     cfg = _folded_config(dense_cfg, num_layers, loop_num, loop_window_size)
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
     sources = fold_sources(strategy, dense_cfg.num_hidden_layers, num_layers)
-    total = sum(i.nbytes for i in reader.infos.values())
+    total = sum(reader.infos[n].nbytes for n in expected_hf_shapes(dense_cfg))
     bar = _Progress(total, "fold", progress)
     with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
         for name, path, tr in global_rows(cfg):
