@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -93,6 +94,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.greedy and any(x is not None for x in (args.temperature, args.top_k, args.top_p)):
         p.error("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    # Sampling and output checks run here, before a model is loaded or a token generated.
+    if args.prompt == "":
+        p.error("--prompt is empty; give the text to continue (or leave --prompt out)")
+    t = args.temperature
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.output:
+        if os.path.isdir(args.output):
+            p.error(f"--output {args.output} is a directory; give a file path (e.g. out.jsonl)")
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            p.error(f"--output {args.output}: {parent} is not a directory")
     return args
 
 
@@ -156,6 +173,10 @@ def read_prompts(path: str) -> list[dict]:
                     f"{path}:{n}: each line needs a string 'prompt' or a list 'messages' "
                     '(e.g. {"prompt": "def f(x):"} or {"messages": [{"role": "user", '
                     '"content": "..."}]}).'
+                )
+            if row.get("prompt") == "" or row.get("messages") == []:
+                raise InferError(
+                    f"{path}:{n}: the prompt is empty; give the text to continue (or a chat)."
                 )
             rows.append(row)
     if not rows:
