@@ -51,12 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"params checkpoint or training run dir (default: {DEFAULT_RUN})",
     )
     src.add_argument("--hf", help="Hugging Face checkpoint dir (safetensors), converted on the fly")
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: in the checkpoint)")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece tokenizer.model, or a directory holding it with its Hugging Face "
+        "tokenizer files (default: the checkpoint / HF directory)",
+    )
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     inp.add_argument("--prompts-file", help="JSONL with {'prompt': ...} or {'messages': [...]}")
     p.add_argument("--output", help="JSONL to write completions to (with --prompts-file)")
-    p.add_argument("--chat", action="store_true", help="apply the instruct chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="apply the chat template (the checkpoint's own when it ships one, else ChatML)",
+    )
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
@@ -334,8 +342,14 @@ def run(args) -> int:
         rows = read_prompts(args.prompts_file)
     else:
         rows = [{"prompt": DEFAULT_PROMPT if args.prompt is None else args.prompt}]
-    texts = [render(r) for r in rows]
-    prompts = [tok.encode(t) for t in texts]
+    from loopcoder_jax.data.chat_template import ChatTemplateError
+
+    try:
+        texts = [render(r) for r in rows]
+    except ChatTemplateError as e:
+        raise InferError(f"chat template: {e}") from None
+    # A checkpoint's own chat template may start with the BOS text itself: no second BOS.
+    prompts = [tok.encode(t, add_bos=False if tok.starts_with_bos(t) else None) for t in texts]
 
     print(
         f"model: {cfg.num_hidden_layers} layers x loop_num {cfg.loop_num} "
