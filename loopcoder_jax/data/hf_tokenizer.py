@@ -214,7 +214,7 @@ def read_hf_files(directory: str | os.PathLike) -> HFTokenizerFiles:
     )
 
 
-def _atomic_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
@@ -269,9 +269,9 @@ def write_hf_files(directory: str | os.PathLike, tok, model_max_length: int | No
     model = os.path.join(directory, TOKENIZER_MODEL)
     if os.path.abspath(tok.path) != os.path.abspath(model):
         shutil.copyfile(tok.path, model)
-    _atomic_json(os.path.join(directory, TOKENIZER_CONFIG), tokenizer_config(tok, model_max_length))
+    write_json(os.path.join(directory, TOKENIZER_CONFIG), tokenizer_config(tok, model_max_length))
     smap = {**tok.special_tokens, "additional_special_tokens": list(tok.additional_special_tokens)}
-    _atomic_json(os.path.join(directory, SPECIAL_TOKENS_MAP), smap)
+    write_json(os.path.join(directory, SPECIAL_TOKENS_MAP), smap)
     names = [TOKENIZER_MODEL, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP]
     for name in names:
         os.chmod(os.path.join(directory, name), 0o644)

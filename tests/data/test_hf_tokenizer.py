@@ -62,18 +62,17 @@ def _train_sp(path: str, dummy_prefix: bool) -> int:
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).GetPieceSize()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["no-dummy-prefix", "dummy-prefix"])
-def hf_dir(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    n = _train_sp(str(d / "tokenizer.model"), request.param)
+def make_hf_tokenizer_dir(d, dummy_prefix: bool) -> tuple[int, dict[str, int]]:
+    """tokenizer.model without special pieces + HF files adding SPECIAL_TOKENS above them, a
+    chat template of its own and generation_config.json stop ids. Returns (pieces, specials)."""
+    n = _train_sp(str(d / "tokenizer.model"), dummy_prefix)
     specials = {tok: n + k for k, tok in enumerate(SPECIAL_TOKENS)}
     entry = dict(lstrip=False, rstrip=False, normalized=False, single_word=False, special=True)
     decoder = {str(i): {"content": t, **entry} for t, i in specials.items()}
-    decoder.update(
-        {str(i): {"content": t, **entry} for i, t in enumerate(["<unk>", "<s>", "</s>"])}
-    )
+    for i, t in enumerate(["<unk>", "<s>", "</s>"]):
+        decoder[str(i)] = {"content": t, **entry}
     config = {
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_prefix_space": request.param,
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_prefix_space": dummy_prefix,
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
         "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
         "added_tokens_decoder": decoder, "chat_template": TEMPLATE,
@@ -85,6 +84,13 @@ def hf_dir(request, tmp_path_factory):
     )
     stop = [2, specials["<|im_end|>"], specials["<|endoftext|>"]]
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    return n, specials
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-dummy-prefix", "dummy-prefix"])
+def hf_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    n, specials = make_hf_tokenizer_dir(d, request.param)
     return d, n, specials
 
 
