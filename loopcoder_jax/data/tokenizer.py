@@ -6,7 +6,9 @@ Every special token is a single id, also when it appears inside text given to `e
 (SentencePiece `user_defined_symbols`), so `encode(apply_chat_template(...))` produces the
 `<|im_start|>` / `<|im_end|>` ids. The released IQuest `tokenizer.model` loads the same way;
 `special_ids` then holds the `<|...|>` tokens that model reserves (user-defined or control pieces;
-`encode`/`decode` treat both as single ids).
+`encode`/`decode` treat both as single ids). A `tokenizer.model` with Hugging Face tokenizer files
+beside it (added tokens, special tokens, chat template: `data.hf_tokenizer`) loads as transformers
+loads it; chats render with the checkpoint's own template (`data.chat_template`), else ChatML.
 
 CLI:
     python -m loopcoder_jax.data.tokenizer train --input a.jsonl b.txt --vocab-size 32000 \
