@@ -102,10 +102,18 @@ def write_extras(directory: str, cfg: ModelConfig, tokenizer_dir: str | None) ->
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
     """Copies the tokenizer files and generation_config.json that `src_dir` has (plain files
     only) into `dst_dir`; returns their names."""
+    from loopcoder_jax.safetensors_io import SafetensorsError, checked_member
+
     copied = []
     for name in (*hf.TOKENIZER_FILES, hf.GENERATION_CONFIG):
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):  # never a FIFO or directory
+        if not os.path.lexists(os.path.join(src_dir, name)):
+            continue
+        try:  # a plain file inside the checkpoint (or its HF cache blobs), never a FIFO
+            src = checked_member(src_dir, name)
+        except SafetensorsError as e:
+            log.warning("note: %s not copied: %s", name, e)
+            continue
+        if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(dst_dir, name))
             os.chmod(os.path.join(dst_dir, name), 0o644)
             copied.append(name)

@@ -155,6 +155,8 @@ class Tokenizer:
             if self._split
             else None
         )
+        # Cheap pre-check: text without this prefix holds no special token ("<|" usually).
+        self._split_prefix = os.path.commonprefix(list(self._split)) if self._split else ""
 
     def _piece_id(self, text: str) -> int:
         i = self.sp.PieceToId(text)
@@ -223,12 +225,15 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of several texts without BOS/EOS (one C++ call when none holds a special token)."""
-        if self._special_re is not None and any(self._special_re.search(t) for t in texts):
+        if self._special_re is not None and any(self._may_split(t) for t in texts):
             return [self._encode(t) for t in texts]
         return self.sp.EncodeAsIds(list(texts))
 
+    def _may_split(self, text: str) -> bool:
+        return self._split_prefix in text and self._special_re.search(text) is not None
+
     def _encode(self, text: str) -> list[int]:
-        if self._special_re is None:
+        if self._special_re is None or self._split_prefix not in text:
             return self.sp.EncodeAsIds(text)
         parts = self._special_re.split(text)  # odd parts are the special / added tokens
         if len(parts) == 1:
