@@ -5,8 +5,11 @@ not in the sliced layout of a params checkpoint (`checkpoint.ParamsWriter`), and
 restore API returns whole leaves: the 40B model's stacked MLP leaves are 22.6 GB each in bf16.
 Orbax stores every leaf as a zarr array inside an OCDBT key-value store (`_METADATA` says so:
 `use_ocdbt`, `use_zarr3`), and tensorstore (the library Orbax writes with) reads any slice of
-such an array. `iter_tree_pieces` yields the leaves in slabs of whole layers of at most
-`group_bytes`, like `checkpoint.iter_param_pieces` does for a params checkpoint.
+such an array; but it decompresses whole zarr chunks, and a single-device save stores each leaf
+as ONE chunk. `iter_tree_pieces` therefore reads one leaf (or, for a leaf chunked along the
+layers axis, as a sharded save may chunk it, one run of whole chunks) at a time and yields it in
+slabs of whole layers of at most `group_bytes`, like `checkpoint.iter_param_pieces`: host memory
+is about the largest leaf, never the whole model.
 """
 
 from __future__ import annotations
@@ -67,7 +70,15 @@ def iter_tree_pieces(
         if path[0] != ckpt.LAYERS_KEY:
             yield path, None, np.asarray(array.read().result())
             continue
+        # A zarr chunk is read and decompressed whole, so reading less than a chunk saves
+        # nothing: slabs are whole chunks along the layers axis (a single-device save makes the
+        # whole leaf one chunk: then the leaf is read once and handed out in slabs).
+        per_chunk = int(array.chunk_layout.read_chunk.shape[0] or shape[0])
         step = ckpt.layers_per_piece(shape, dtype.itemsize, group_bytes)
+        step = -(-step // per_chunk) * per_chunk
         for start in range(0, shape[0], step):
-            piece = np.asarray(array[start : start + step].read().result())
-            yield path, start, piece
+            block = np.asarray(array[start : start + step].read().result())
+            sub = ckpt.layers_per_piece(shape, dtype.itemsize, group_bytes)
+            for k in range(0, block.shape[0], sub):
+                yield path, start + k, block[k : k + sub]
+            del block
