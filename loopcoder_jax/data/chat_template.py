@@ -73,13 +73,30 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+def _generation_tag():
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant spans for
+    training masks with it): rendered as its plain body."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str):
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols", _generation_tag()],
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

@@ -154,6 +154,10 @@ def test_chatml_jinja_equals_chatml_and_sandbox_holds():
     for gen in (True, False):
         assert render_chat(msgs, CHATML_JINJA, gen) == chatml(msgs, gen)
         assert render_chat(msgs, None, gen) == chatml(msgs, gen)
+    tagged = (
+        "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    )
+    assert render_chat(msgs, tagged) == "su\nv"
     hostile = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(ChatTemplateError):
         render_chat(msgs, hostile)
