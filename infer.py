@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -50,12 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"params checkpoint or training run dir (default: {DEFAULT_RUN})",
     )
     src.add_argument("--hf", help="Hugging Face checkpoint dir (safetensors), converted on the fly")
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: in the checkpoint)")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece tokenizer.model, or a directory holding it with its Hugging Face "
+        "tokenizer files (default: the checkpoint / HF directory)",
+    )
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     inp.add_argument("--prompts-file", help="JSONL with {'prompt': ...} or {'messages': [...]}")
     p.add_argument("--output", help="JSONL to write completions to (with --prompts-file)")
-    p.add_argument("--chat", action="store_true", help="apply the instruct chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="apply the chat template (the checkpoint's own when it ships one, else ChatML)",
+    )
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
@@ -93,6 +102,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.greedy and any(x is not None for x in (args.temperature, args.top_k, args.top_p)):
         p.error("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    # Sampling and output checks run here, before a model is loaded or a token generated.
+    if args.prompt == "":
+        p.error("--prompt is empty; give the text to continue (or leave --prompt out)")
+    t = args.temperature
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.output:
+        if os.path.isdir(args.output):
+            p.error(f"--output {args.output} is a directory; give a file path (e.g. out.jsonl)")
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            p.error(f"--output {args.output}: {parent} is not a directory")
     return args
 
 
@@ -156,6 +181,10 @@ def read_prompts(path: str) -> list[dict]:
                     f"{path}:{n}: each line needs a string 'prompt' or a list 'messages' "
                     '(e.g. {"prompt": "def f(x):"} or {"messages": [{"role": "user", '
                     '"content": "..."}]}).'
+                )
+            if row.get("prompt") == "" or row.get("messages") == []:
+                raise InferError(
+                    f"{path}:{n}: the prompt is empty; give the text to continue (or a chat)."
                 )
             rows.append(row)
     if not rows:
@@ -313,8 +342,14 @@ def run(args) -> int:
         rows = read_prompts(args.prompts_file)
     else:
         rows = [{"prompt": DEFAULT_PROMPT if args.prompt is None else args.prompt}]
-    texts = [render(r) for r in rows]
-    prompts = [tok.encode(t) for t in texts]
+    from loopcoder_jax.data.chat_template import ChatTemplateError
+
+    try:
+        texts = [render(r) for r in rows]
+    except ChatTemplateError as e:
+        raise InferError(f"chat template: {e}") from None
+    # A checkpoint's own chat template may start with the BOS text itself: no second BOS.
+    prompts = [tok.encode(t, add_bos=False if tok.starts_with_bos(t) else None) for t in texts]
 
     print(
         f"model: {cfg.num_hidden_layers} layers x loop_num {cfg.loop_num} "

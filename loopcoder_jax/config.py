@@ -90,7 +90,9 @@ class ModelConfig:
     untied_loops: bool = False  # True: a separate weight stack per loop (isolates weight sharing)
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, int):
+        if self.eos_token_id is None:  # config.json `"eos_token_id": null`: no stop id
+            object.__setattr__(self, "eos_token_id", ())
+        elif isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif not isinstance(self.eos_token_id, tuple):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -208,6 +210,8 @@ class ModelConfig:
         kwargs = {k: v for k, v in raw.items() if k in fields}
         if "head_dim" not in kwargs and "hidden_size" in kwargs and "num_attention_heads" in kwargs:
             kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        # Missing means none (DESIGN.md §7: then the tokenizer's end ids), never the 40B's ids.
+        kwargs.setdefault("eos_token_id", ())
         if raw.get("model_type") == "llama" or "loop_num" not in raw:
             kwargs.setdefault("loop_num", 1)  # a dense Llama-style checkpoint
         return cls(**kwargs)

@@ -18,6 +18,7 @@ Public API (user guide: docs/conversion.md):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 import warnings
@@ -28,8 +29,11 @@ import numpy as np
 import tqdm
 
 from loopcoder_jax import checkpoint as ckpt
+from loopcoder_jax import checkpoint_stream, hf_export
 from loopcoder_jax import safetensors_io as sio
 from loopcoder_jax.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -220,10 +224,41 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
+def unused_gate_names(cfg: ModelConfig, names, shapes: Mapping[str, tuple] | None = None):
+    """The `model.gate_projections.*` tensors a loop_num=1 checkpoint of the official
+    `IQuestLoopCoderForCausalLM` class carries (it creates the gates whatever loop_num is), when
+    they have exactly this config's gate names and shapes; loop 0 never reads them."""
+    if cfg.loop_num != 1 or not cfg.is_released_architecture:
+        return set()
+    with_gate = cfg.replace(loop_num=2)
+    gates = {
+        name.format(i=i): tr.hf_shape(with_gate)
+        for name, _, tr in _GATE_ROWS
+        for i in range(cfg.num_hidden_layers)
+    }
+    found = {n for n in names if n.startswith("model.gate_projections.")}
+    if not found or not found <= set(gates):
+        return set()
+    if shapes is not None and any(tuple(shapes[n]) != gates[n] for n in found):
+        return set()
+    return found
+
+
 def check_names(cfg: ModelConfig, names, shapes: Mapping[str, tuple] | None = None):
-    """Raises `CheckpointError` naming missing/unexpected tensors and shape mismatches."""
+    """Raises `CheckpointError` naming missing/unexpected tensors and shape mismatches.
+
+    A loop_num=1 checkpoint's unused gate tensors (`unused_gate_names`) are accepted with a note.
+    """
     expected = expected_hf_shapes(cfg)
     names = set(names)
+    unused = unused_gate_names(cfg, names, shapes)
+    if unused:
+        log.warning(
+            "note: %d model.gate_projections.* tensors skipped: the gates are unused at "
+            "loop_num 1 (the official class writes them anyway).",
+            len(unused),
+        )
+        names -= unused
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     problems = []
@@ -394,6 +429,8 @@ def open_hf_checkpoint(path: str | os.PathLike, *, allow_mixed: bool = False):
     try:
         if os.path.isfile(path) and path.endswith(sio.PICKLE_SUFFIXES):
             sio.find_weight_files(path)  # raises the pickle refusal
+        if os.path.lexists(cfg_file):
+            sio.checked_member(cfg_dir, "config.json")
         if not os.path.exists(cfg_file):
             raise CheckpointError(
                 f"No config.json next to the weights in {cfg_dir}: download it with the weights "
@@ -526,11 +563,12 @@ def hf_to_orbax(
     The output is what `checkpoint.load_params` (`train.py --init-from`, `infer.py
     --checkpoint`) reads, onto any mesh. Returns the summary (tensors, bytes, seconds, MB/s).
     """
+    check_destination(dst)
     dtype = _as_dtype(dtype)
     cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
     dtype = dtype or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
-    total = sum(i.nbytes for i in reader.infos.values())
+    total = sum(reader.infos[n].nbytes for n in expected_hf_shapes(cfg))
     bar = _Progress(total, "hf-to-orbax", progress)
     with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
         for leaf_path, start, piece, full in _hf_pieces(cfg, reader, dtype, piece_bytes):
@@ -538,11 +576,29 @@ def hf_to_orbax(
             n = 1 if start is None else piece.shape[0]
             read = piece.size * stored.itemsize
             bar.update("/".join(leaf_path), read, n)
+        # The tokenizer and generation defaults travel with the weights (hf_export).
+        src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+        hf_export.copy_tokenizer_files(src_dir, w.tmp)
     return bar.summary(src=os.fspath(src), dst=w.path, dtype=_dtype_name(dtype))
 
 
-def _write_hf(cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar) -> list[str]:
-    """Writes shards + index + config.json from a stream of (leaf path, start, Flax piece)."""
+def check_destination(dst: str | os.PathLike) -> None:
+    """Refuses a DST that exists but is not a directory, before anything is read or written
+    (`--overwrite` replaces an earlier output directory, never some other file)."""
+    dst = os.fspath(dst)
+    if os.path.islink(dst) or (os.path.lexists(dst) and not os.path.isdir(dst)):
+        raise CheckpointError(
+            f"{dst} is a file or link, not an output directory; --overwrite only replaces a "
+            "directory this tool wrote. Remove it or pick another destination."
+        )
+
+
+def _write_hf(
+    cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar, tokenizer_dir=None
+) -> list[str]:
+    """Writes shards + index + config.json (with `auto_map` for loop models) +
+    generation_config.json (+ the tokenizer files from `tokenizer_dir`) from a stream of
+    (leaf path, start, Flax piece); every file mode 0644. Returns the weight file names."""
     rows = _leaf_rows(cfg)
     by_name = {}
     for leaf_path, (name, _, stacked) in rows.items():
@@ -576,7 +632,12 @@ def _write_hf(cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar) -> l
         out_cfg = cfg.to_hf()
         dts = {np.dtype(d).name for d in out_dtypes.values()}
         out_cfg["torch_dtype"] = dts.pop() if len(dts) == 1 else cfg.torch_dtype
+        if hf_export.auto_map(cfg) is not None:
+            out_cfg["auto_map"] = hf_export.auto_map(cfg)
         ckpt.write_json_atomic(os.path.join(tmp, "config.json"), out_cfg)
+        hf_export.write_extras(tmp, cfg, tokenizer_dir)
+        for name in os.listdir(tmp):  # an export is for others to read
+            os.chmod(os.path.join(tmp, name), 0o644)
     return files
 
 
@@ -588,14 +649,19 @@ def save_hf_checkpoint(
     *,
     dtype=None,
     overwrite: bool = False,
+    tokenizer: str | os.PathLike | None = None,
 ) -> list[str]:
     """Writes `params` as a HF checkpoint (official names, [out, in] layout, safetensors).
+
+    Also writes generation_config.json and, given `tokenizer` (a tokenizer.model or a directory
+    holding one, with its HF tokenizer files), the tokenizer files (see `hf_export`).
 
     `architectures` is IQuestLoopCoderForCausalLM, or LlamaForCausalLM for a dense model
     (loop_num == 1, no gate tensors). Shards of at most `max_shard_size` plus
     model.safetensors.index.json when more than one. Stacked leaves are copied to host one layer
     at a time. Returns the weight file names.
     """
+    check_destination(path)
     dtype = _as_dtype(dtype)
     rows = _leaf_rows(cfg)
     pieces, out_dtypes = [], {}
@@ -614,7 +680,10 @@ def save_hf_checkpoint(
         out_dtypes[leaf_path] = dtype or np.dtype(leaf.dtype)
         pieces.append((leaf_path, 0 if leaf_path[0] == "layers" else None, leaf))
     bar = _Progress(0, "save-hf", False)
-    return _write_hf(cfg, path, pieces, out_dtypes, max_shard_size, overwrite, bar)
+    tok_dir = hf_export.find_tokenizer_dir(tokenizer)
+    if tokenizer is not None and tok_dir is None:
+        raise CheckpointError(f"tokenizer {os.fspath(tokenizer)}: no tokenizer.model there.")
+    return _write_hf(cfg, path, pieces, out_dtypes, max_shard_size, overwrite, bar, tok_dir)
 
 
 def orbax_to_hf(
@@ -625,35 +694,59 @@ def orbax_to_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = False,
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict:
-    """Converts a params-only Orbax checkpoint to a HF checkpoint, one Orbax group at a time."""
+    """Converts a params checkpoint or a training run dir (its latest step) to a self-contained
+    HF checkpoint, streaming: one Orbax group (params checkpoint) or one layer slab of at most
+    `checkpoint.DEFAULT_GROUP_BYTES` (run dir) at a time.
+
+    tokenizer: a tokenizer.model or a directory holding one (with its HF tokenizer files);
+    default: the one in `src`, if any. Returns the summary (tensors, bytes, seconds, MB/s).
+    """
+    check_destination(dst)
     src = os.fspath(src)
     dtype = _as_dtype(dtype)
-    cfg = ckpt.load_config(src)
-    manifest = ckpt.read_manifest(src)
-    if manifest is None:  # single-tree layout: no slabs to stream
-        cfg, params = ckpt.load_params(src)
-        files = save_hf_checkpoint(
-            cfg, params, dst, max_shard_size, dtype=dtype, overwrite=overwrite
+    tok_dir = hf_export.find_tokenizer_dir(tokenizer if tokenizer is not None else src)
+    if tokenizer is not None and tok_dir is None:
+        raise CheckpointError(f"--tokenizer {os.fspath(tokenizer)}: no tokenizer.model there.")
+    if tok_dir is None:
+        log.warning(
+            "note: %s has no tokenizer.model: the export gets weights, config.json and "
+            "generation_config.json only; pass --tokenizer to include the tokenizer.",
+            src,
         )
-        return {"files": files}
-    stored = {tuple(k.split("/")): np.dtype(v["dtype"]) for k, v in manifest["leaves"].items()}
+    cfg = ckpt.load_config(src)
     rows = _leaf_rows(cfg)
+    stored, pieces = _orbax_pieces(src, cfg)
     if set(stored) != set(rows):
         raise CheckpointError(
             f"{src}: leaves {sorted('/'.join(p) for p in set(stored) ^ set(rows))} do not match "
             "its config.json; re-create the checkpoint."
         )
-    out_dtypes = {p: dtype or d for p, d in stored.items()}
-    total = sum(
-        int(np.prod(v["shape"])) * out_dtypes[tuple(k.split("/"))].itemsize
-        for k, v in manifest["leaves"].items()
-    )
+    out_dtypes = {p: dtype or d for p, (_, d) in stored.items()}
+    total = sum(int(np.prod(s)) * out_dtypes[p].itemsize for p, (s, _) in stored.items())
     bar = _Progress(total, "orbax-to-hf", progress)
-    files = _write_hf(
-        cfg, dst, ckpt.iter_param_pieces(src), out_dtypes, max_shard_size, overwrite, bar
-    )
+    files = _write_hf(cfg, dst, pieces, out_dtypes, max_shard_size, overwrite, bar, tok_dir)
     return bar.summary(src=src, dst=os.path.abspath(os.fspath(dst)), shards=len(files))
+
+
+def _orbax_pieces(src: str, cfg: ModelConfig):
+    """({leaf path: (shape, stored dtype)}, iterator of (leaf path, start, numpy piece))."""
+    manifest = ckpt.read_manifest(src)
+    if manifest is not None:  # a params checkpoint: its own pieces, group by group
+        stored = {
+            tuple(k.split("/")): (tuple(v["shape"]), np.dtype(v["dtype"]))
+            for k, v in manifest["leaves"].items()
+        }
+        return stored, ckpt.iter_param_pieces(src)
+    item = ckpt.resolve_params_item(src)  # a training run's latest step: one Orbax tree
+    try:
+        return checkpoint_stream.tree_leaves(item), checkpoint_stream.iter_tree_pieces(item)
+    except checkpoint_stream.UnsupportedLayout:  # an older single-tree layout: load it whole
+        _, params = ckpt.load_params(src)
+        flat = [(p, np.asarray(x)) for p, x in ckpt._leaves_with_paths(params)]
+        stored = {p: (x.shape, x.dtype) for p, x in flat}
+        return stored, ((p, 0 if p[0] == "layers" else None, x) for p, x in flat)
 
 
 # ============================================================================ dense -> loop fold
@@ -790,8 +883,10 @@ def fold_checkpoint(
     Reads only the dense layers each output slab needs. A params-only Orbax source is loaded
     whole (host memory = the dense model), then folded.
     """
+    check_destination(dst)
     src = os.fspath(src)
-    if os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)):
+    orbax_src = os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)) or ckpt.finished_steps(src)
+    if orbax_src:  # a params checkpoint or a training run dir (its latest step)
         dense_cfg, params = ckpt.load_params(src)
         cfg, folded = fold_dense_to_loop(
             dense_cfg,
@@ -813,7 +908,7 @@ def fold_checkpoint(
     cfg = _folded_config(dense_cfg, num_layers, loop_num, loop_window_size)
     cfg = cfg.replace(torch_dtype=_dtype_name(dtype))
     sources = fold_sources(strategy, dense_cfg.num_hidden_layers, num_layers)
-    total = sum(i.nbytes for i in reader.infos.values())
+    total = sum(reader.infos[n].nbytes for n in expected_hf_shapes(dense_cfg))
     bar = _Progress(total, "fold", progress)
     with reader, ckpt.ParamsWriter(dst, cfg, overwrite=overwrite, group_bytes=piece_bytes) as w:
         for name, path, tr in global_rows(cfg):
@@ -890,6 +985,11 @@ def _parser():
     b = sub.add_parser("orbax-to-hf", help="Orbax params checkpoint -> HF safetensors dir")
     common(b, "HF checkpoint")
     b.add_argument("--max-shard-size", default="5GB", help='e.g. "5GB", "500MB"')
+    b.add_argument(
+        "--tokenizer",
+        help="tokenizer.model (or a dir holding it with its HF tokenizer files) to export; "
+        "default: the one in SRC",
+    )
     f = sub.add_parser("fold", help="dense checkpoint (HF or Orbax) -> loop model (Orbax)")
     common(f, "Orbax params checkpoint")
     f.add_argument("--strategy", choices=list(FOLD_STRATEGIES), required=True)
@@ -911,6 +1011,8 @@ def main(argv=None) -> int:
     import json
     import sys
 
+    from loopcoder_jax.data.tokenizer import TokenizerError
+
     args = _parser().parse_args(argv)
     progress = not args.no_progress
     try:
@@ -931,6 +1033,7 @@ def main(argv=None) -> int:
                 overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size,
                 progress=progress,
+                tokenizer=args.tokenizer,
             )
         else:
             out = fold_checkpoint(
@@ -946,7 +1049,7 @@ def main(argv=None) -> int:
                 piece_bytes=args.piece_mb << 20,
                 progress=progress,
             )
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out))

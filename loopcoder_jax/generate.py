@@ -64,9 +64,10 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, int | float) and self.temperature >= 0):
+        t = self.temperature
+        if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
             raise GenerationError(
-                f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}."
+                f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}."
             )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}.")
@@ -293,7 +294,12 @@ class Engine:
             )
 
     def shard_params(self, params):
-        """Checks `params` against the config and places them on the mesh by the rules."""
+        """Checks `params` against the config and places them on the mesh by the rules.
+
+        Boxed params (what `LoopCoder(cfg).init(...)["params"]` returns, leaves wrapped in
+        `nn.Partitioned`) are unboxed first.
+        """
+        params = nn.unbox(params)
         self.check_params(params)
         return jax.tree.map(_to_global, params, self.param_shardings)
 
@@ -489,15 +495,16 @@ class Engine:
         return np.asarray(jax.random.key_data(keys))  # [B, 2] uint32: plain data crosses hosts
 
     def _eos_array(self, eos_ids):
+        """[E] int32 stop ids; () (explicit, or a config without eos_token_id) means none:
+        every row then generates exactly `max_new_tokens` (DESIGN.md §7)."""
         eos = tuple(self.cfg.eos_token_id) if eos_ids is None else tuple(eos_ids)
-        if not eos:
-            raise GenerationError("eos_ids is empty; give at least one stop id.")
         bad = [e for e in eos if not 0 <= int(e) < self.cfg.vocab_size]
         if bad:
             raise GenerationError(
                 f"eos_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})."
             )
-        return np.asarray(eos, np.int32)
+        # -1 is never sampled: one id keeps the decode loop's shapes, and nothing stops.
+        return np.asarray(eos or (-1,), np.int32)
 
     def generate(
         self,
@@ -517,6 +524,7 @@ class Engine:
           prompt_ids: a list of token-id lists (ragged is fine) or a [B, T] int array.
           sampling: `Sampling` (greedy by default).
           eos_ids: stop ids (default: the config's `eos_token_id`s); each row stops on its own.
+            An empty sequence means no stop id: exactly `max_new_tokens` per row.
           seed: an int (row b uses fold_in(key(seed), b)) or one int per prompt (row b uses
             key(seed[b]): the same prompt and seed give the same tokens in any batch).
           stream: optional `fn(step, tokens [B], active [B])` called from the device loop with
@@ -536,7 +544,7 @@ class Engine:
         )  # fmt: skip
         tokens, num_tokens = jax.device_get((tokens, num_tokens))
 
-        eos_set = {int(e) for e in np.asarray(eos)}
+        eos_set = {int(e) for e in np.asarray(eos) if e >= 0}
         out, reasons = [], []
         for i in range(b_real):
             row = [int(x) for x in tokens[i, : num_tokens[i]]]
@@ -634,6 +642,7 @@ class Engine:
         return jax.set_mesh(self.mesh)
 
     def _placed(self, params):
+        params = nn.unbox(params)
         leaves = jax.tree.leaves(params)
         shardings = jax.tree.leaves(self.param_shardings)
         if len(leaves) == len(shardings) and all(
@@ -700,12 +709,12 @@ def generate(
     """New token ids per prompt (each row stops after its first EOS id, which is included).
 
     Args:
-      cfg: the model config; params: its parameter tree.
+      cfg: the model config; params: its parameter tree (boxed, as `init` returns it, is fine).
       prompt_ids: list of token-id lists (ragged allowed) or a [B, T] int array.
       max_new_tokens: at most this many new tokens per prompt.
       temperature, top_k, top_p: sampling (temperature 0 = greedy; see `Sampling`;
         `INSTRUCT_SAMPLING` holds the model card's instruct defaults).
-      eos_ids: stop ids (default cfg.eos_token_id).
+      eos_ids: stop ids (default cfg.eos_token_id); () = none, exactly max_new_tokens each.
       seed: int, or one int per prompt (see `Engine.generate`).
       runtime, mesh, rules: how to run (default: float32 on one device).
       stream: optional per-step callback (see `Engine.generate`).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 
@@ -84,6 +85,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
       ({name: TensorInfo}, metadata). Raises `SafetensorsError` for a truncated file, a corrupt
       header, an unknown dtype, a byte range that disagrees with dtype x shape, or overlaps.
     """
+    _check_regular(path)
     size = os.path.getsize(path)
     fix = "Re-download or re-export this file."
     with open(path, "rb") as f:
@@ -190,6 +192,53 @@ class TensorReader:
         self.close()
 
 
+def _check_regular(path: str) -> None:
+    """Refuses anything but a regular file (a FIFO would block `open` forever; a directory,
+    socket or device is no weight file), before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SafetensorsError(f"{path} does not exist.") from None
+    if not stat.S_ISREG(mode):
+        raise SafetensorsError(
+            f"{path} is not a regular file (a directory, FIFO, socket or device); a checkpoint's "
+            "config, index and weights must be plain files. Replace it with the real file."
+        )
+
+
+def _hf_cache_blobs(real_dir: str) -> str | None:
+    """`<repo>/blobs` when `real_dir` is a Hugging Face cache snapshot `<repo>/snapshots/<rev>`,
+    whose files are symlinks to `../../blobs/<hash>`."""
+    parent = os.path.dirname(real_dir)
+    if os.path.basename(parent) != "snapshots":
+        return None
+    return os.path.join(os.path.dirname(parent), "blobs")
+
+
+def checked_member(directory: str, name: str) -> str:
+    """`directory/name` for a file that belongs to the checkpoint: `name` is relative and, with
+    symlinks resolved, stays inside `directory` (or its Hugging Face cache `blobs/`), and it is
+    a regular file. Checked before anything is opened; an index is untrusted input."""
+    where = f"{name!r} (named in {directory})"
+    if os.path.isabs(name):
+        raise SafetensorsError(
+            f"{where} is an absolute path, outside the checkpoint directory; shard names must be "
+            "files inside it (fix the index's weight_map)."
+        )
+    full = os.path.join(directory, name)
+    real_dir = os.path.realpath(directory)
+    real = os.path.realpath(full)
+    roots = [real_dir] + [b for b in [_hf_cache_blobs(real_dir)] if b]
+    if not any(os.path.commonpath([root, real]) == root for root in roots):
+        raise SafetensorsError(
+            f"{where} resolves to {real}, outside the checkpoint directory; refusing to read it. "
+            "Copy the file into the directory (or fix the index's weight_map)."
+        )
+    if os.path.lexists(full):
+        _check_regular(full)
+    return full
+
+
 def find_weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files of a HF checkpoint directory (or a single file).
 
@@ -199,7 +248,8 @@ def find_weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
       SafetensorsError when there are no safetensors, only pickle files, or the index names a
       shard that does not exist.
     """
-    if os.path.isfile(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        _check_regular(path)
         if path.endswith(PICKLE_SUFFIXES):
             raise SafetensorsError(_pickle_message([path]))
         if path.endswith(".json"):
@@ -210,7 +260,8 @@ def find_weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
         raise SafetensorsError(f"{path} does not exist.")
     names = sorted(os.listdir(path))
     index_path = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index_path):
+    if os.path.lexists(index_path):
+        checked_member(path, INDEX_FILE)
         try:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
@@ -219,7 +270,11 @@ def find_weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
         except (ValueError, KeyError, TypeError) as e:
             raise SafetensorsError(f"{index_path}: not a valid index ({e}).") from None
         files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if not all(isinstance(f, str) and f for f in files):
+            raise SafetensorsError(f"{index_path}: weight_map values must be shard file names.")
+        for f in files:
+            checked_member(path, f)  # inside the directory, not a FIFO: before any open
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if missing:
             raise SafetensorsError(
                 f"{index_path} points to shard(s) {missing} that are not in {path}. Download the "
@@ -227,10 +282,10 @@ def find_weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
             )
         return [os.path.join(path, f) for f in files], weight_map
     if SINGLE_FILE in names:
-        return [os.path.join(path, SINGLE_FILE)], None
+        return [checked_member(path, SINGLE_FILE)], None
     st = [n for n in names if n.endswith(".safetensors")]
     if len(st) == 1:
-        return [os.path.join(path, st[0])], None
+        return [checked_member(path, st[0])], None
     if len(st) > 1:
         raise SafetensorsError(
             f"{path} has {len(st)} safetensors files but no {INDEX_FILE}; restore the index."

@@ -6,7 +6,9 @@ Every special token is a single id, also when it appears inside text given to `e
 (SentencePiece `user_defined_symbols`), so `encode(apply_chat_template(...))` produces the
 `<|im_start|>` / `<|im_end|>` ids. The released IQuest `tokenizer.model` loads the same way;
 `special_ids` then holds the `<|...|>` tokens that model reserves (user-defined or control pieces;
-`encode`/`decode` treat both as single ids).
+`encode`/`decode` treat both as single ids). A `tokenizer.model` with Hugging Face tokenizer files
+beside it (added tokens, special tokens, chat template: `data.hf_tokenizer`) loads as transformers
+loads it; chats render with the checkpoint's own template (`data.chat_template`), else ChatML.
 
 CLI:
     python -m loopcoder_jax.data.tokenizer train --input a.jsonl b.txt --vocab-size 32000 \
@@ -29,6 +31,9 @@ from importlib import resources
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+from loopcoder_jax.data import hf_tokenizer as hf
+from loopcoder_jax.data.chat_template import ChatTemplateError, chatml, render_chat
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -65,9 +70,17 @@ class Tokenizer:
     `encode(text)` adds BOS by default (the released models are trained with it) and never adds
     EOS unless asked. `decode` drops BOS/EOS/pad but keeps the `<|...|>` special tokens, so a
     decoded chat transcript shows its turn markers.
+
+    When the model file is a `tokenizer.model` with Hugging Face tokenizer files beside it
+    (`tokenizer_config.json`, `added_tokens.json`, `special_tokens_map.json`,
+    `chat_template.jinja`, `generation_config.json`: see `data.hf_tokenizer`), they apply as in
+    transformers: added tokens (also above the piece count) and the special tokens are one id
+    each in `encode` and decode back to their text, `add_bos_token` / `add_eos_token` set the
+    defaults of `encode`, the checkpoint's chat template renders chats, and the generation
+    config's EOS ids join `stop_ids`. `hf_files=False` reads the SentencePiece model alone.
     """
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, *, hf_files: bool = True):
         self.path = os.fspath(model_path)
         if not os.path.isfile(self.path):
             raise TokenizerError(
@@ -83,64 +96,158 @@ class Tokenizer:
             raise TokenizerError(
                 f"{self.path} is not a SentencePiece model ({e}); point to a `tokenizer.model`."
             ) from None
-        self.vocab_size: int = self.sp.GetPieceSize()
+        self.num_pieces: int = self.sp.GetPieceSize()
+        self.vocab_size: int = self.num_pieces  # grows with added tokens above the pieces
         self.unk_id: int = self.sp.unk_id()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         # A model without a pad piece (e.g. the released one) pads with EOS; padded positions
         # carry loss_mask 0 and segment_id 0, so the id itself never trains anything.
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.add_bos, self.add_eos = True, False
+        self.chat_template: str | None = None  # None: ChatML
+        self._extra_stop_ids: tuple[int, ...] = ()
         # Special tokens: every `<|...|>` piece the model reserves (user-defined or control),
         # so a released model's own extras are found by name too.
         self.special_ids: dict[str, int] = {}
-        self._control_specials: dict[int, str] = {}  # SentencePiece decodes these to ""
+        self._text_of: dict[int, str] = {}  # ids decoded as their literal text
         proto = sp_model.ModelProto()
         proto.ParseFromString(self.sp.serialized_model_proto())
+        self.add_dummy_prefix: bool = bool(proto.normalizer_spec.add_dummy_prefix)
         reserved = (proto.SentencePiece.USER_DEFINED, proto.SentencePiece.CONTROL)
         for i, p in enumerate(proto.pieces):
             if p.type in reserved and _SPECIAL_PIECE.fullmatch(p.piece):
                 self.special_ids[p.piece] = i
-                if p.type == proto.SentencePiece.CONTROL:
-                    self._control_specials[i] = p.piece
-        # encode() cuts text at special tokens itself: control pieces (how some released models
-        # store them) are never matched inside text by SentencePiece.
-        self._special_re = (
-            re.compile(
-                "(" + "|".join(map(re.escape, sorted(self.special_ids, key=len)[::-1])) + ")"
-            )
-            if self.special_ids
-            else None
-        )
+                if p.type == proto.SentencePiece.CONTROL:  # SentencePiece decodes these to ""
+                    self._text_of[i] = p.piece
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(
                 f"{self.path} defines no BOS/EOS piece; train it with bos_id/eos_id set (the "
                 "`train` command here does)."
             )
+        # What transformers would call the added/special tokens of this model alone.
+        self.special_tokens: dict[str, str] = {
+            "bos_token": self.sp.IdToPiece(self.bos_id),
+            "eos_token": self.sp.IdToPiece(self.eos_id),
+            "unk_token": self.sp.IdToPiece(self.unk_id),
+            "pad_token": self.sp.IdToPiece(self.pad_id),
+        }
+        self.additional_special_tokens: tuple[str, ...] = tuple(
+            sorted(self.special_ids, key=self.special_ids.get)
+        )
+        self.added_tokens: dict[str, hf.AddedToken] = {
+            text: hf.AddedToken(text, self._piece_id(text))
+            for text in [*self.special_tokens.values(), *self.additional_special_tokens]
+        }
+        # encode() cuts text at these strings itself: control pieces (how some released models
+        # store special tokens) are never matched inside text by SentencePiece.
+        self._split: dict[str, hf.AddedToken] = {
+            t: hf.AddedToken(t, i) for t, i in self.special_ids.items()
+        }
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if hf_files and os.path.basename(self.path) == SHIPPED_MODEL and hf.has_hf_files(directory):
+            try:
+                self._apply_hf_files(hf.read_hf_files(directory))
+            except hf.TokenizerFilesError as e:
+                raise TokenizerError(str(e)) from None
+        self._special_re = (
+            re.compile("(" + "|".join(map(re.escape, sorted(self._split, key=len)[::-1])) + ")")
+            if self._split
+            else None
+        )
+        # Cheap pre-check: text without this prefix holds no special token ("<|" usually).
+        self._split_prefix = os.path.commonprefix(list(self._split)) if self._split else ""
+
+    def _piece_id(self, text: str) -> int:
+        i = self.sp.PieceToId(text)
+        if self.sp.IdToPiece(i) != text:
+            raise TokenizerError(
+                f"{text!r} is neither a piece of {self.path} nor an added token in its "
+                "tokenizer_config.json / added_tokens.json; the tokenizer files do not belong "
+                "to this tokenizer.model."
+            )
+        return i
+
+    def _apply_hf_files(self, files: hf.HFTokenizerFiles) -> None:
+        """Added tokens, special tokens, BOS/EOS flags, chat template, generation EOS ids."""
+        added = {t.content: t for t in files.added}
+        for t in files.added:
+            self._text_of[t.id] = t.content
+            self.vocab_size = max(self.vocab_size, t.id + 1)
+
+        def token_id(text: str) -> int:
+            return added[text].id if text in added else self._piece_id(text)
+
+        self.special_tokens.update(files.special_tokens)
+        for key, attr in (
+            ("bos_token", "bos_id"),
+            ("eos_token", "eos_id"),
+            ("unk_token", "unk_id"),
+        ):
+            if key in files.special_tokens:
+                setattr(self, attr, token_id(files.special_tokens[key]))
+        self.pad_id = (
+            token_id(self.special_tokens["pad_token"])
+            if "pad_token" in files.special_tokens
+            else self.eos_id
+        )
+        self.special_tokens["pad_token"] = self.id_to_piece(self.pad_id)
+        if files.additional_special_tokens:
+            self.additional_special_tokens = files.additional_special_tokens
+        # transformers splits text on every added token and every special token.
+        for text in [*self.special_tokens.values(), *self.additional_special_tokens]:
+            added.setdefault(text, hf.AddedToken(text, token_id(text)))
+        self.added_tokens = added
+        self._split = dict(added)
+        plain = set(self.special_tokens.values())
+        self.special_ids.update({t: a.id for t, a in added.items() if t not in plain})
+        if files.add_bos_token is not None:
+            self.add_bos = files.add_bos_token
+        if files.add_eos_token is not None:
+            self.add_eos = files.add_eos_token
+        self.chat_template = files.chat_template
+        self._extra_stop_ids = tuple(i for i in files.generation_eos_ids if i < self.vocab_size)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, add_eos: bool | None = None
+    ) -> list[int]:
+        """Ids of `text`; BOS/EOS per the arguments, else the tokenizer's defaults (BOS yes,
+        EOS no, unless its tokenizer_config.json says otherwise)."""
         ids = self._encode(text)
-        if add_bos:
+        if self.add_bos if add_bos is None else add_bos:
             ids = [self.bos_id, *ids]
-        if add_eos:
+        if self.add_eos if add_eos is None else add_eos:
             ids.append(self.eos_id)
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of several texts without BOS/EOS (one C++ call when none holds a special token)."""
-        if any("<|" in t for t in texts):
+        if self._special_re is not None and any(self._may_split(t) for t in texts):
             return [self._encode(t) for t in texts]
         return self.sp.EncodeAsIds(list(texts))
 
+    def _may_split(self, text: str) -> bool:
+        return self._split_prefix in text and self._special_re.search(text) is not None
+
     def _encode(self, text: str) -> list[int]:
-        if self._special_re is None or "<|" not in text:
+        if self._special_re is None or self._split_prefix not in text:
             return self.sp.EncodeAsIds(text)
+        parts = self._special_re.split(text)  # odd parts are the special / added tokens
+        if len(parts) == 1:
+            return self.sp.EncodeAsIds(text)
+        for k in range(1, len(parts), 2):  # transformers' AddedToken lstrip / rstrip
+            token = self._split[parts[k]]
+            if token.lstrip:
+                parts[k - 1] = parts[k - 1].rstrip()
+            if token.rstrip:
+                parts[k + 1] = parts[k + 1].lstrip()
         ids: list[int] = []
-        for part in self._special_re.split(text):  # odd parts are the special tokens
-            if part in self.special_ids:
-                ids.append(self.special_ids[part])
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self._split[part].id)
             elif part:
                 ids += self.sp.EncodeAsIds(part)
         return ids
@@ -148,19 +255,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         drop = {self.bos_id, self.eos_id, self.pad_id}
         ids = [int(i) for i in ids if int(i) not in drop]
-        if not any(i in self._control_specials for i in ids):
+        if not any(i in self._text_of for i in ids):
             return self.sp.DecodeIds(ids)
         parts, run = [], []
         for i in ids:
-            if i in self._control_specials:
-                parts += [self.sp.DecodeIds(run), self._control_specials[i]]
+            if i in self._text_of:
+                parts += [self.sp.DecodeIds(run), self._text_of[i]]
                 run = []
             else:
                 run.append(i)
         return "".join(parts) + self.sp.DecodeIds(run)
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.IdToPiece(int(i))
+        i = int(i)
+        return self._text_of[i] if i >= self.num_pieces else self.sp.IdToPiece(i)
 
     def special_id(self, token: str) -> int:
         """Id of a special token; a clear error when this model does not define it."""
@@ -175,40 +283,64 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end a generation: EOS, and `<|im_end|>` / `<|endoftext|>` when defined."""
+        """Ids that end a generation: EOS, `<|im_end|>` / `<|endoftext|>` when defined, and the
+        `eos_token_id`s of a generation_config.json beside the model."""
         extra = [
             self.special_ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in self.special_ids
         ]
-        return (self.eos_id, *extra)
+        return tuple(dict.fromkeys((self.eos_id, *extra, *self._extra_stop_ids)))
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        **extra,
     ) -> str:
-        return apply_chat_template(messages, add_generation_prompt)
+        """The prompt text of a chat: the checkpoint's own Jinja template when it has one
+        (rendered as transformers does, with `bos_token`/`eos_token`/...), else ChatML.
+        `extra` are further template variables (e.g. `tools`)."""
+        return render_chat(
+            messages,
+            self.chat_template,
+            add_generation_prompt,
+            special_tokens={
+                **self.special_tokens,
+                "additional_special_tokens": list(self.additional_special_tokens),
+            },
+            **extra,
+        )
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, **extra
+    ) -> list[int]:
+        """Ids of a chat prompt: `apply_chat_template`, then `encode` with BOS unless the
+        template already starts with the BOS text (no doubled BOS)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        return self.encode(text, add_bos=None if not self.starts_with_bos(text) else False)
+
+    def starts_with_bos(self, text: str) -> bool:
+        """Whether `text` (a rendered template) already begins with the BOS token's text."""
+        bos = self.special_tokens.get("bos_token")
+        return bool(bos) and bos in self._split and text.startswith(bos)
 
 
 def apply_chat_template(
     messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
 ) -> str:
     """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then (when
-    `add_generation_prompt`) `<|im_start|>assistant\\n` for the model to continue."""
-    parts = []
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(
-                f"message {i} must be a dict with string 'role' and 'content', got {message!r}."
-            )
-        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-    if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+    `add_generation_prompt`) `<|im_start|>assistant\\n` for the model to continue.
+    (`Tokenizer.apply_chat_template` uses a checkpoint's own template when it has one.)"""
+    try:
+        return chatml(messages, add_generation_prompt)
+    except ChatTemplateError as e:
+        raise ValueError(str(e)) from None
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """Loads a SentencePiece model; None = the model shipped in the package (vocab 512).
 
-    A directory is accepted too (a run dir or a converted checkpoint holding `tokenizer.model`).
+    A directory is accepted too (a run dir, a converted checkpoint or a Hugging Face checkpoint
+    holding `tokenizer.model`, with its tokenizer JSON files when present).
     """
     if path is None:
         return Tokenizer(shipped_model_path())
