@@ -29,6 +29,7 @@ import tqdm
 
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import safetensors_io as sio
+from loopcoder_jax import storage
 from loopcoder_jax.config import ConfigError, ModelConfig
 
 
@@ -791,7 +792,7 @@ def fold_checkpoint(
     whole (host memory = the dense model), then folded.
     """
     src = os.fspath(src)
-    if os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)):
+    if storage.exists(storage.join(src, ckpt.PARAMS_ITEM)):
         dense_cfg, params = ckpt.load_params(src)
         cfg, folded = fold_dense_to_loop(
             dense_cfg,
@@ -806,7 +807,7 @@ def fold_checkpoint(
             cfg = cfg.replace(torch_dtype=_dtype_name(_as_dtype(dtype)))
         start = time.perf_counter()
         ckpt.save_params(dst, cfg, _cast_tree(folded, _as_dtype(dtype)), overwrite=overwrite)
-        return {"seconds": round(time.perf_counter() - start, 3), "dst": os.path.abspath(dst)}
+        return {"seconds": round(time.perf_counter() - start, 3), "dst": storage.resolve(dst)}
     dtype = _as_dtype(dtype)
     dense_cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
     dtype = dtype or stored
@@ -946,7 +947,13 @@ def main(argv=None) -> int:
                 piece_bytes=args.piece_mb << 20,
                 progress=progress,
             )
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        FileExistsError,
+        FileNotFoundError,
+        storage.RemoteStorageError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out))
