@@ -4,6 +4,7 @@ with -9 and resumed from the bucket, bitwise equal to a straight run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,6 +173,29 @@ def test_train_checkpointer_commits_and_restores_in_the_bucket(gcs, tiny_config)
     _assert_same(ckpt.load_params(run)[1], state.params)
 
 
+def test_metrics_log_in_the_bucket_covers_checkpoints_and_drops_rerun_steps(gcs):
+    """No appends on an object store: the log is rewritten by flush() (before each checkpoint
+    save) and close(); a resumed run keeps the lines up to its checkpoint only."""
+    from loopcoder_jax.trainer import MetricsLog
+
+    run = gcs.path("metrics-run")
+    log = MetricsLog(run, resume_step=0, tensorboard=False)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    log.flush()  # what the trainer does right before saving step 3
+    log.write({"step": 4, "loss": 4.0})  # then killed -9: step 4 never uploaded
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    log = MetricsLog(run, resume_step=2, tensorboard=False)  # resumed from step 2
+    log.write({"step": 3, "loss": 3.5})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in _metrics(run)] == [(1, 1.0), (2, 2.0), (3, 3.5)]
+
+
+def _metrics(run_dir) -> list[dict]:
+    text = storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 # ---------------------------------------------------------------------------- train.py
 STEPS = 6
 TRAIN = [
@@ -199,10 +223,7 @@ def _env(gcs, cache_dir):
 
 
 def _losses(run_dir) -> list[float]:
-    text = storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode()
-    import json
-
-    return [json.loads(line)["loss"] for line in text.splitlines()]
+    return [r["loss"] for r in _metrics(run_dir)]
 
 
 @pytest.mark.slow  # three train.py processes: ~35 s of CPU, past the CI budget
