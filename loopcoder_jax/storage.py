@@ -156,7 +156,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     if is_remote(path):
         fs, p = _fs(path)
-        fs.pipe_file(p, data)
+        try:
+            fs.pipe_file(p, data)
+        except Exception as e:  # gcsfs: FileNotFoundError (no bucket), HttpError (403), ...
+            raise RemoteStorageError(
+                f"Cannot write {path} ({type(e).__name__}: {e}). Check that the bucket exists "
+                "and that these credentials may write to it."
+            ) from e
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:

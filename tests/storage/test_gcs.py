@@ -58,6 +58,17 @@ def test_missing_backend_is_a_clear_error(monkeypatch):
         storage.exists("gs://bucket/run")
 
 
+def test_train_into_a_missing_bucket_exits_2_naming_the_bucket(gcs, capsys):
+    import train
+
+    args = ["--run-dir", "gs://no-such-bucket/run", "--steps", "1", "--no-progress",
+            "--set", "train.batch_size=8", "--set", "data.startup_check_records=50"]  # fmt: skip
+    rc = train.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "gs://no-such-bucket/run/config.json" in err and "bucket exists" in err
+
+
 def test_storage_sees_what_tensorstore_wrote(gcs):
     """Orbax writes arrays through tensorstore, behind gcsfs's back: listings and existence
     checks must not come from a stale cache."""
