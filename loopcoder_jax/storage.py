@@ -37,6 +37,7 @@ import uuid
 COMMIT_FILE = "commit_success.txt"
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+SUPPORTED_SCHEMES = ("gs",)
 
 
 class RemoteStorageError(ValueError):
@@ -71,6 +72,12 @@ def _fs(path: str):
     """(fsspec filesystem, path as that filesystem names it) for a remote path."""
     import fsspec
 
+    scheme = _SCHEME.match(path).group(1).lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise RemoteStorageError(
+            f"{path}: {scheme}:// is not supported; use a local path or gs:// (the object store "
+            "Orbax commits with a commit file rather than a rename)."
+        )
     try:
         return fsspec.core.url_to_fs(path, use_listings_cache=False)
     except ImportError as e:

@@ -56,6 +56,8 @@ def test_missing_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(fsspec.core, "url_to_fs", no_gcsfs)
     with pytest.raises(storage.RemoteStorageError, match=r"loopcoder-jax\[gcs\]"):
         storage.exists("gs://bucket/run")
+    with pytest.raises(storage.RemoteStorageError, match="s3:// is not supported"):
+        storage.exists("s3://bucket/run")
 
 
 def test_train_into_a_missing_bucket_exits_2_naming_the_bucket(gcs, capsys):
