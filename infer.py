@@ -208,8 +208,10 @@ def load_model(args, engine_for):
         engine = engine_for(cfg)
         return cfg, engine.shard_params(params), engine, args.hf
 
+    from loopcoder_jax import storage
+
     path = args.checkpoint or DEFAULT_RUN
-    if not os.path.exists(path):
+    if not storage.exists(path):
         if args.checkpoint is None:
             raise InferError(
                 f"No checkpoint at {DEFAULT_RUN}: run `python train.py` first (it trains the "
@@ -234,17 +236,27 @@ def load_model(args, engine_for):
 
 
 def load_tok(args, default_dir: str, cfg):
+    from loopcoder_jax import storage
     from loopcoder_jax.data.tokenizer import TokenizerError, load_tokenizer
 
     path = args.tokenizer or default_dir
-    if not args.tokenizer and not os.path.isfile(os.path.join(default_dir, "tokenizer.model")):
+    in_dir = storage.join(default_dir, "tokenizer.model")
+    if not args.tokenizer and not storage.isfile(in_dir):
         raise InferError(
             f"No tokenizer.model in {default_dir}; pass --tokenizer PATH/tokenizer.model."
         )
     try:
-        tok = load_tokenizer(path)
+        if storage.is_remote(path):  # SentencePiece reads local files: a temporary copy
+            if not args.tokenizer:
+                path = in_dir
+            with storage.local_copy(path) as local:
+                tok = load_tokenizer(local)
+        else:
+            tok = load_tokenizer(path)
     except TokenizerError as e:
         raise InferError(str(e)) from None
+    except FileNotFoundError:
+        raise InferError(f"Tokenizer {path} does not exist; pass --tokenizer.") from None
     if tok.vocab_size > cfg.vocab_size:
         raise InferError(
             f"The tokenizer {tok.path} has {tok.vocab_size} pieces but the model only "
@@ -420,6 +432,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from loopcoder_jax.storage import RemoteStorageError  # light: no jax
+
     args = parse_args(argv)
     try:
         if args.distributed or args.coordinator or args.num_processes:
@@ -433,7 +447,7 @@ def main(argv=None) -> int:
                     with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
                         return run(args)
         return run(args)
-    except InferError as e:
+    except (InferError, RemoteStorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

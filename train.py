@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     except (ConfigError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # MeshError, DataError, TokenizerError: messages name the fix
-        if type(e).__name__ in ("MeshError", "DataError", "TokenizerError"):
+    except ValueError as e:  # MeshError, DataError, ...: messages name the fix
+        if type(e).__name__ in ("MeshError", "DataError", "TokenizerError", "RemoteStorageError"):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -6,8 +6,12 @@ Params-only checkpoint (what the converter writes, and what `train.py --init-fro
     DIR/params/         the Flax `params`: Orbax checkpoints of layer slabs + manifest.json
                         (see `ParamsWriter`: written one slab at a time, so converting a
                         model never needs it whole in host memory)
-The directory is assembled under a temporary name and renamed into place at the end, so a
-crash never leaves a `DIR` that looks complete.
+A local directory is assembled under a temporary name and renamed into place at the end, so a
+crash never leaves a `DIR` that looks complete. On an object store (`gs://`) there is no atomic
+rename: the directory is written in place and is complete once its commit file
+(`commit_success.txt`, Orbax's rule) is written, last; readers refuse one without it. Training
+runs use Orbax's CheckpointManager, which applies the same rule to its step directories.
+See `storage.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from loopcoder_jax import storage
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
 
 PARAMS_ITEM = "params"
@@ -41,14 +46,9 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes JSON via a temp file + rename, so readers never see a half-written file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes JSON so readers never see a half-written file (local: temp file + rename;
+    object store: one object write)."""
+    storage.write_json(path, obj)
 
 
 def abstract_params(cfg: ModelConfig, runtime: RuntimeConfig | None = None, boxed=False):
@@ -73,8 +73,10 @@ class ParamsWriter:
         DIR/config.json
         DIR/params/manifest.json   {leaf path: shape, dtype, [(group, key, start, stop)]}
         DIR/params/g00000/ ...     Orbax StandardCheckpointer trees {key: piece}
-    Everything is written under a temporary directory renamed to DIR by `commit()`; an
-    exception inside the `with` block removes it, so a DIR that exists is complete.
+    Locally, everything is written under a temporary directory renamed to DIR by `commit()`;
+    an exception inside the `with` block removes it, so a DIR that exists is complete. On an
+    object store DIR is written in place and `commit()` writes DIR/commit_success.txt last
+    (readers refuse a DIR without it); an exception removes what was written.
     """
 
     def __init__(
@@ -85,24 +87,30 @@ class ParamsWriter:
         overwrite: bool = False,
         group_bytes: int = DEFAULT_GROUP_BYTES,
     ):
-        self.path = os.path.abspath(os.fspath(path))
-        if os.path.exists(self.path) and not overwrite:
+        self.path = storage.resolve(path)
+        if storage.exists(self.path) and not overwrite:
             raise FileExistsError(
                 f"{self.path} already exists; pass overwrite=True (--overwrite) or pick a new path."
             )
         self.cfg = cfg
         self.group_bytes = group_bytes
-        parent = os.path.dirname(self.path)
+        parent = storage.parent(self.path)
         # Multi-process (jax.distributed): every process writes its own shards into the SAME
         # directory, so the name cannot be random; the primary process owns the directory.
         self._primary = jax.process_index() == 0
         self._multi = jax.process_count() > 1
+        self._remote = storage.is_remote(self.path)
         suffix = "mp" if self._multi else uuid.uuid4().hex[:8]
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{suffix}")
+        if self._remote:  # no rename on object stores: in place, committed by a commit file
+            self.tmp = self.path
+        else:
+            self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{suffix}")
         if self._primary:
-            os.makedirs(parent, exist_ok=True)
-            shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier multi-process run
-            os.makedirs(os.path.join(self.tmp, PARAMS_ITEM))
+            storage.makedirs(parent)
+            # a crashed earlier multi-process run; on an object store also the DIR replaced
+            # by --overwrite (its commit file goes first)
+            storage.rmtree(self.tmp)
+            storage.makedirs(storage.join(self.tmp, PARAMS_ITEM))
         self._sync("open")
         self.leaves: dict[str, dict] = {}
         self._group: dict[str, object] = {}
@@ -118,7 +126,7 @@ class ParamsWriter:
         if exc_type is None:
             self.commit()
         elif self._primary:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            storage.rmtree(self.tmp)
 
     def _sync(self, what: str):
         if self._multi:
@@ -153,7 +161,7 @@ class ParamsWriter:
     def _flush(self):
         if not self._group:
             return
-        item = os.path.join(self.tmp, PARAMS_ITEM, self._group_name())
+        item = storage.join(self.tmp, PARAMS_ITEM, self._group_name())
         self._checkpointer.save(item, self._group)
         self._checkpointer.wait_until_finished()
         self.bytes_written += self._group_nbytes
@@ -178,13 +186,20 @@ class ParamsWriter:
                 if not covered:
                     raise ValueError(f"{key}: the written layer slabs do not cover the leaf")
             manifest = {"format": MANIFEST_FORMAT, "leaves": self.leaves}
-            write_json_atomic(os.path.join(self.tmp, PARAMS_ITEM, MANIFEST_FILE), manifest)
-            write_json_atomic(os.path.join(self.tmp, CONFIG_FILE), self.cfg.to_hf())
+            write_json_atomic(storage.join(self.tmp, PARAMS_ITEM, MANIFEST_FILE), manifest)
+            write_json_atomic(storage.join(self.tmp, CONFIG_FILE), self.cfg.to_hf())
+            if self._remote:
+                storage.mark_committed(self.path)
+                return
             if os.path.exists(self.path):
                 shutil.rmtree(self.path)
             os.replace(self.tmp, self.path)
+        except BaseException:
+            if self._remote:
+                storage.rmtree(self.tmp)
+            raise
         finally:
-            if os.path.exists(self.tmp):
+            if not self._remote and os.path.exists(self.tmp):
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -224,24 +239,40 @@ def save_params(
     return writer.path
 
 
+def _require_committed(path: str) -> None:
+    """On an object store a params checkpoint is complete only once its commit file exists."""
+    if (
+        storage.is_remote(path)
+        and storage.isdir(storage.join(path, PARAMS_ITEM))
+        and not storage.is_committed(path)
+    ):
+        raise CheckpointNotFoundError(
+            f"{path} is an incomplete params checkpoint (no {storage.COMMIT_FILE}: its writer "
+            "stopped before the end). Write it again, with --overwrite."
+        )
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored with a params checkpoint."""
-    cfg_path = os.path.join(os.fspath(path), CONFIG_FILE)
-    if not os.path.exists(cfg_path):
+    path = storage.resolve(path)
+    _require_committed(path)
+    cfg_path = storage.join(path, CONFIG_FILE)
+    if not storage.exists(cfg_path):
         raise CheckpointNotFoundError(
-            f"No {CONFIG_FILE} in {os.fspath(path)}: not a loopcoder-jax params checkpoint "
+            f"No {CONFIG_FILE} in {path}: not a loopcoder-jax params checkpoint "
             "(write one with `python -m loopcoder_jax.convert hf-to-orbax` or train.py)."
         )
+    if storage.is_remote(cfg_path):
+        return ModelConfig.from_hf(storage.read_json(cfg_path))
     return ModelConfig.from_hf(cfg_path)
 
 
 def read_manifest(path: str | os.PathLike) -> dict | None:
     """The piece manifest of a params checkpoint, or None for a single-tree (legacy) one."""
-    manifest = os.path.join(os.fspath(path), PARAMS_ITEM, MANIFEST_FILE)
-    if not os.path.exists(manifest):
+    manifest = storage.join(path, PARAMS_ITEM, MANIFEST_FILE)
+    if not storage.exists(manifest):
         return None
-    with open(manifest) as f:
-        out = json.load(f)
+    out = storage.read_json(manifest)
     if out.get("format") != MANIFEST_FORMAT:
         raise CheckpointNotFoundError(
             f"{manifest} has format {out.get('format')!r}; this version reads {MANIFEST_FORMAT!r}."
@@ -289,7 +320,7 @@ def iter_param_pieces(path: str | os.PathLike, *, dtype=None):
 
     Host memory stays at about one group: this is how `orbax-to-hf` streams.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = storage.resolve(path)
     manifest = read_manifest(path)
     if manifest is None:  # single-tree checkpoint: one leaf at a time is all we can do
         _, params = load_params(path, dtype=dtype)
@@ -300,7 +331,7 @@ def iter_param_pieces(path: str | os.PathLike, *, dtype=None):
     for group, members in iter_groups(path, manifest):
         args = {p["key"]: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype) for _, p in members}
         restored = checkpointer.restore(
-            os.path.join(path, PARAMS_ITEM, group), args=ocp.args.PyTreeRestore(restore_args=args)
+            storage.join(path, PARAMS_ITEM, group), args=ocp.args.PyTreeRestore(restore_args=args)
         )
         for key, p in members:
             yield tuple(key.split("/")), p["start"], restored.pop(p["key"])
@@ -325,7 +356,7 @@ def load_params(
     Returns:
       (ModelConfig, params)
     """
-    path = os.path.abspath(os.fspath(path))
+    path = storage.resolve(path)
     cfg = load_config(path)
     item = resolve_params_item(path)
     target = abstract_params(cfg)
@@ -333,7 +364,7 @@ def load_params(
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, target)
     # a training run's params are one Orbax tree per step (no piece manifest)
-    manifest = read_manifest(path) if item == os.path.join(path, PARAMS_ITEM) else None
+    manifest = read_manifest(path) if item == storage.join(path, PARAMS_ITEM) else None
     if manifest is None:
         return cfg, _load_single_tree(item, target, dtype, shardings)
     _check_manifest(path, manifest, target)
@@ -355,7 +386,7 @@ def load_params(
                 dtype=jnp.dtype(dtype or entry["dtype"]),
             )
         restored = checkpointer.restore(
-            os.path.join(item, group), args=ocp.args.PyTreeRestore(restore_args=args)
+            storage.join(item, group), args=ocp.args.PyTreeRestore(restore_args=args)
         )
         for key, p in members:
             pending.setdefault(key, {})[p["start"]] = restored.pop(p["key"])
@@ -400,8 +431,13 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False):
     """Yields a temporary directory that becomes `path` only if the block succeeds.
 
     On an exception the temporary directory is removed and `path` is left untouched, so a
-    directory at `path` is always complete.
+    directory at `path` is always complete. Local paths only (it commits by rename).
     """
+    if storage.is_remote(path):
+        raise storage.RemoteStorageError(
+            f"{os.fspath(path)}: this output is written as a local directory; write it to a "
+            "local path, then copy it (e.g. gcloud storage cp -r)."
+        )
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(
@@ -431,23 +467,27 @@ META_ITEM = "meta"
 def finished_steps(run_dir: str | os.PathLike) -> list[int]:
     """Committed checkpoint steps of a run, ascending.
 
-    Orbax writes each step under a temporary name and renames it to `<step>` only once every
-    item is written, so an integer-named directory is a complete checkpoint.
+    Orbax's commit rules: locally it writes each step under a temporary name and renames it to
+    `<step>` once every item is written, so an integer-named directory is complete; on an
+    object store it writes `<step>` in place and its commit file last.
     """
-    ckpt_dir = os.path.join(os.fspath(run_dir), CHECKPOINTS_DIR)
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.join(storage.resolve(run_dir), CHECKPOINTS_DIR)
+    if not storage.isdir(ckpt_dir):
         return []
-    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    steps = [n for n in storage.listdir(ckpt_dir) if n.isdigit()]
+    if storage.is_remote(ckpt_dir):
+        steps = [n for n in steps if storage.is_committed(storage.join(ckpt_dir, n))]
+    return sorted(int(n) for n in steps)
 
 
 def resolve_params_item(path: str) -> str:
     """The Orbax params directory of a params checkpoint or of a run dir's latest step."""
-    direct = os.path.join(path, PARAMS_ITEM)
-    if os.path.isdir(direct):
+    direct = storage.join(path, PARAMS_ITEM)
+    if storage.isdir(direct):
         return direct
     steps = finished_steps(path)
     if steps:
-        return os.path.join(path, CHECKPOINTS_DIR, str(steps[-1]), PARAMS_ITEM)
+        return storage.join(path, CHECKPOINTS_DIR, str(steps[-1]), PARAMS_ITEM)
     raise CheckpointNotFoundError(
         f"{path} has {CONFIG_FILE} but neither a {PARAMS_ITEM}/ directory (params checkpoint) "
         f"nor a finished {CHECKPOINTS_DIR}/<step>/ (training run). Was the run killed before "
@@ -482,7 +522,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(os.fspath(run_dir)), CHECKPOINTS_DIR)
+        self.directory = storage.join(storage.resolve(run_dir), CHECKPOINTS_DIR)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -495,7 +535,7 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def save(self, step: int, state, *, data_state=None, meta=None) -> None:
         """Starts saving `state` (a TrainState) as `step`; returns before the write finishes.
@@ -536,20 +576,16 @@ class TrainCheckpointer:
 
     def data_states(self, step: int) -> list:
         """The data-iterator states every process saved at `step` (in process order)."""
-        directory = os.path.join(self.step_dir(step), DATA_ITEM)
-        if not os.path.isdir(directory):
+        directory = storage.join(self.step_dir(step), DATA_ITEM)
+        if not storage.isdir(directory):
             raise CheckpointNotFoundError(
                 f"Checkpoint {self.step_dir(step)} has no data-iterator state, so the data "
                 "stream cannot resume exactly. Start a new run dir, or pass --init-from with "
                 "this run dir to start from its params."
             )
-        files = [n for n in os.listdir(directory) if n.startswith("process_")]
+        files = [n for n in storage.listdir(directory) if n.startswith("process_")]
         files.sort(key=lambda n: int(n[len("process_") :].split("-of-")[0]))
-        out = []
-        for name in files:
-            with open(os.path.join(directory, name)) as f:
-                out.append(json.load(f))
-        return out
+        return [storage.read_json(storage.join(directory, name)) for name in files]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""

@@ -31,6 +31,7 @@ import tqdm
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import checkpoint_stream, hf_export
 from loopcoder_jax import safetensors_io as sio
+from loopcoder_jax import storage
 from loopcoder_jax.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -885,7 +886,7 @@ def fold_checkpoint(
     """
     check_destination(dst)
     src = os.fspath(src)
-    orbax_src = os.path.exists(os.path.join(src, ckpt.PARAMS_ITEM)) or ckpt.finished_steps(src)
+    orbax_src = storage.exists(storage.join(src, ckpt.PARAMS_ITEM)) or ckpt.finished_steps(src)
     if orbax_src:  # a params checkpoint or a training run dir (its latest step)
         dense_cfg, params = ckpt.load_params(src)
         cfg, folded = fold_dense_to_loop(
@@ -901,7 +902,7 @@ def fold_checkpoint(
             cfg = cfg.replace(torch_dtype=_dtype_name(_as_dtype(dtype)))
         start = time.perf_counter()
         ckpt.save_params(dst, cfg, _cast_tree(folded, _as_dtype(dtype)), overwrite=overwrite)
-        return {"seconds": round(time.perf_counter() - start, 3), "dst": os.path.abspath(dst)}
+        return {"seconds": round(time.perf_counter() - start, 3), "dst": storage.resolve(dst)}
     dtype = _as_dtype(dtype)
     dense_cfg, reader, stored = open_hf_checkpoint(src, allow_mixed=dtype is not None)
     dtype = dtype or stored
@@ -1049,7 +1050,14 @@ def main(argv=None) -> int:
                 piece_bytes=args.piece_mb << 20,
                 progress=progress,
             )
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, TokenizerError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        FileExistsError,
+        FileNotFoundError,
+        TokenizerError,
+        storage.RemoteStorageError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out))

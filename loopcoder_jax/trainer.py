@@ -10,6 +10,8 @@ Run dir layout (RUN = train.run_dir):
     RUN/checkpoints/<step>/{params,opt_state,data,meta}   Orbax CheckpointManager
     RUN/metrics.jsonl      one JSON line per step (process 0)
     RUN/tensorboard/       TensorBoard event files (process 0)
+RUN may be a `gs://` URL (multi-host pods share no local disk): every file above then goes
+through `storage.py`, and checkpoints are committed by Orbax's commit file, not a rename.
 
 Data layout: the global batch is made of `train.data_shards` equal slices (default: one per
 process), slice s read by `make_train_iterator(process_index=s, process_count=data_shards)`.
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 
 from loopcoder_jax import checkpoint as ckpt
-from loopcoder_jax import flops
+from loopcoder_jax import flops, storage
 from loopcoder_jax import sharding as sh
 from loopcoder_jax import training as tr
 from loopcoder_jax.config import ConfigError, ExperimentConfig, ModelConfig
@@ -77,10 +79,10 @@ def _is_main() -> bool:
 
 def prepare_run_dir(exp: ExperimentConfig, tokenizer_path: str) -> str:
     """Creates RUN and writes config/experiment/tokenizer (process 0); checks a resumed RUN."""
-    run_dir = os.path.abspath(exp.train.run_dir)
-    cfg_path = os.path.join(run_dir, ckpt.CONFIG_FILE)
-    if os.path.exists(cfg_path) and ckpt.finished_steps(run_dir):
-        existing = ModelConfig.from_hf(cfg_path)
+    run_dir = storage.resolve(exp.train.run_dir)
+    cfg_path = storage.join(run_dir, ckpt.CONFIG_FILE)
+    if storage.exists(cfg_path) and ckpt.finished_steps(run_dir):
+        existing = ckpt.load_config(run_dir)
         if existing != exp.model:
             diff = {
                 f.name: (getattr(existing, f.name), getattr(exp.model, f.name))
@@ -92,11 +94,13 @@ def prepare_run_dir(exp: ExperimentConfig, tokenizer_path: str) -> str:
                 "Use a new train.run_dir, or the same model config to resume."
             )
     if _is_main():
-        os.makedirs(run_dir, exist_ok=True)
+        storage.makedirs(run_dir)
         ckpt.write_json_atomic(cfg_path, exp.model.to_hf())
-        ckpt.write_json_atomic(os.path.join(run_dir, "experiment.json"), exp.to_dict())
-        dst = os.path.join(run_dir, "tokenizer.model")
-        if os.path.abspath(tokenizer_path) != dst:
+        ckpt.write_json_atomic(storage.join(run_dir, "experiment.json"), exp.to_dict())
+        dst = storage.join(run_dir, "tokenizer.model")
+        if storage.is_remote(dst):
+            storage.copy_file(tokenizer_path, dst)
+        elif os.path.abspath(tokenizer_path) != dst:
             tmp = dst + ".tmp"
             shutil.copyfile(tokenizer_path, tmp)
             os.replace(tmp, dst)
@@ -112,43 +116,72 @@ def _logged_step(line: str) -> float:
 
 
 class MetricsLog:
-    """RUN/metrics.jsonl (append + flush per step) and TensorBoard scalars; process 0 only."""
+    """RUN/metrics.jsonl (append + flush per step) and TensorBoard scalars; process 0 only.
+
+    On an object store, where objects cannot be appended to, the lines are kept in memory and
+    the whole object is rewritten by `flush()` (called before every checkpoint save, so the
+    log covers every committed step), every `upload_every_s` seconds, and at `close()`.
+    """
+
+    upload_every_s = 60.0
 
     def __init__(self, run_dir: str, resume_step: int, tensorboard: bool = True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = storage.join(run_dir, "metrics.jsonl")
         self.enabled = _is_main()
         self.writer = None
+        self.remote = storage.is_remote(self.path)
         if not self.enabled:
             return
+        if self.remote:
+            kept = []
+            if storage.exists(self.path):
+                text = storage.read_bytes(self.path).decode()
+                kept = [ln for ln in text.splitlines(True) if _logged_step(ln) <= resume_step]
+            self._lines, self._uploaded = kept, time.monotonic()
         # A killed run may have logged steps past its last checkpoint (they are re-run now)
         # and, killed mid-write, a partial last line.
-        if os.path.exists(self.path):
+        elif os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [ln for ln in f if _logged_step(ln) <= resume_step]
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+        if not self.remote:
+            self.file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.writer = SummaryWriter(storage.join(run_dir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.remote:
+            self._lines.append(json.dumps(record) + "\n")
+            if time.monotonic() - self._uploaded > self.upload_every_s:
+                self.flush()
+        else:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
 
+    def flush(self) -> None:
+        """Object store: uploads the whole log (local files are flushed on every write)."""
+        if self.enabled and self.remote:
+            storage.write_bytes(self.path, "".join(self._lines).encode())
+            self._uploaded = time.monotonic()
+
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
+        if self.remote:
+            self.flush()
+        else:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -371,6 +404,7 @@ def run(
             preempted = stop.any_process()
             pause = stop_at is not None and step >= stop_at
             if step % tc.checkpoint_every == 0 or step == tc.steps or preempted or pause:
+                metrics_log.flush()  # object store: the log first, so it covers the checkpoint
                 checkpointer.save(
                     step, state, data_state=batches.get_state(), meta={"loss": m["loss"]}
                 )
