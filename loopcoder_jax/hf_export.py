@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 
+from loopcoder_jax import storage
 from loopcoder_jax.config import ModelConfig
 from loopcoder_jax.data import hf_tokenizer as hf
 
@@ -114,7 +115,9 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
             log.warning("note: %s not copied: %s", name, e)
             continue
         if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dst_dir, name))
-            os.chmod(os.path.join(dst_dir, name), 0o644)
+            dst = storage.join(dst_dir, name)  # dst_dir may be a gs:// checkpoint
+            storage.copy_file(src, dst)
+            if not storage.is_remote(dst):
+                os.chmod(dst, 0o644)
             copied.append(name)
     return copied
