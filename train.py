@@ -67,14 +67,26 @@ def main(argv=None) -> int:
 
     distributed.initialize(args)
 
+    from loopcoder_jax import checkpoint as ckpt
     from loopcoder_jax.config import ConfigError, ExperimentConfig
-    from loopcoder_jax.trainer import TrainingDivergedError, run
+    from loopcoder_jax.runlock import RunDirLockedError
+    from loopcoder_jax.trainer import SilentCorruptionError, TrainingDivergedError, run
 
+    # Faults that end a run with a message naming the problem and the fix (exit 2).
+    clear_errors = (
+        ConfigError,
+        TrainingDivergedError,
+        SilentCorruptionError,
+        RunDirLockedError,
+        ckpt.CheckpointCorruptError,
+        ckpt.CheckpointSaveError,
+        ckpt.CheckpointNotFoundError,
+    )
     config = args.config or DEFAULT_CONFIG
     try:
         exp = ExperimentConfig.from_yaml(config, _overrides(args))
         run(exp, progress=not args.no_progress, stop_at=args.stop_at)
-    except (ConfigError, TrainingDivergedError) as e:
+    except clear_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # MeshError, DataError, TokenizerError: messages name the fix
