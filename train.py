@@ -10,6 +10,7 @@ coordinator is discovered). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -61,6 +62,17 @@ def _overrides(args) -> dict[str, str]:
     return out
 
 
+class _NoBackgroundTracebacks(logging.Filter):
+    """Orbax logs a failed background save with its traceback before re-raising it in the
+    main thread, where train.py reports it in one line (exit 2): keep the log line, drop the
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from loopcoder_jax import distributed  # imports jax: keep it off the --help path
@@ -72,6 +84,9 @@ def main(argv=None) -> int:
     from loopcoder_jax.runlock import RunDirLockedError
     from loopcoder_jax.trainer import SilentCorruptionError, TrainingDivergedError, run
 
+    # After the imports above, which install the log handlers Orbax writes to.
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_NoBackgroundTracebacks())
     # Faults that end a run with a message naming the problem and the fix (exit 2).
     clear_errors = (
         ConfigError,

@@ -453,13 +453,15 @@ class CheckpointSaveError(OSError):
         disk_full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
         disk_full = disk_full or "No space left" in str(cause)
         fix = (
-            "the disk is full: free space or point train.run_dir at a larger disk"
+            "the disk is full (No space left on device): free space or point train.run_dir at "
+            "a larger disk"
             if disk_full
             else "fix the storage problem"
         )
         super().__init__(
-            f"Saving a checkpoint in {where} failed: {_first_line(cause)}. Hint: {fix}, then "
-            "rerun the same command to resume from the last committed checkpoint."
+            f"Saving a checkpoint in {where} failed; nothing was committed under that name. "
+            f"Hint: {fix}, then rerun the same command to resume from the last committed "
+            f"checkpoint. Cause: {_first_line(cause)}"
         )
 
 
@@ -478,7 +480,8 @@ class CheckpointCorruptError(RuntimeError):
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip().splitlines()
-    text = text[0] if text else ""
+    # TensorStore appends a multi-line spec dump to its messages: keep the reason only.
+    text = text[0].split(" See full TensorStore details")[0] if text else ""
     return f"{type(e).__name__}: {text[:limit]}"
 
 
@@ -554,6 +557,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,  # leftovers of a killed save are not checkpoints
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of the save running in the background
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -583,9 +587,13 @@ class TrainCheckpointer:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenState(data_state))
         self.check_for_errors()  # an earlier background save that failed: say so, now
         try:
+            self.wait()  # Orbax would wait here anyway; this names the step that failed
+            self._pending = step
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except CheckpointSaveError:
+            raise
         except Exception as e:  # noqa: BLE001  (a failed write of any kind: disk full, I/O)
-            raise CheckpointSaveError(self.step_dir(step), e) from e
+            raise self._failed(e) from e
 
     def restore(self, step: int, abstract_state):
         """Restores `step` onto the shardings carried by `abstract_state`'s leaves.
@@ -633,14 +641,26 @@ class TrainCheckpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointSaveError(self.directory, e) from e
+            raise self._failed(e) from e
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointSaveError(self.directory, e) from e
+            raise self._failed(e) from e
+        self._pending = None
+
+    def _failed(self, cause: BaseException) -> CheckpointSaveError:
+        """The error for a failed save; removes its partial files (they only take space: a
+        step directory gets its final name only when complete)."""
+        step, self._pending = self._pending, None
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        where = self.step_dir(step) if step is not None else self.directory
+        return CheckpointSaveError(where, cause)
 
     def close(self) -> None:
         try:
