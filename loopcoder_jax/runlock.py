@@ -118,7 +118,7 @@ class RunDirLock:
         )
 
     def release(self) -> None:
-        if self.held and _read(self.path).get("pid") == self.mine["pid"]:
+        if self.held and _read(self.path) == self.mine:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
         self.held = False

@@ -16,13 +16,8 @@ import pytest
 
 from loopcoder_jax import checkpoint as ckpt
 from loopcoder_jax import checkpoint_integrity as integrity
-from loopcoder_jax import sharding as sh
 from loopcoder_jax import training as tr
-from loopcoder_jax.config import MeshConfig, TrainConfig
-from loopcoder_jax.model import LoopCoder
-
-RULES = sh.get_rules("fsdp_tp")
-TC = TrainConfig(batch_size=8, seq_len=16, steps=10)
+from tests.faults.conftest import RULES
 
 
 def _abstract(model, opt, mesh):
@@ -33,11 +28,9 @@ def _abstract(model, opt, mesh):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_config):
+def saved(tmp_path_factory, tiny_state):
     run = tmp_path_factory.mktemp("run")
-    model, opt = LoopCoder(tiny_config), tr.make_optimizer(TC)
-    mesh = sh.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-    state = tr.make_init_fn(model, opt, mesh, RULES)(jax.random.key(0))
+    model, opt, mesh, state = tiny_state
     c = ckpt.TrainCheckpointer(run, keep=5, async_save=False)
     states = {}
     for step in (1, 2, 3):
@@ -87,8 +80,9 @@ def test_damaged_newest_step_is_skipped_with_the_reason(saved, run_copy, damage)
         params = jax.tree.map(np.array, saved[4][3])
         params["norm"]["scale"][5] += 1e-3
         shutil.rmtree(step_dir / "params")
-        ocp.StandardCheckpointer().save(step_dir / "params", params)
-        ocp.StandardCheckpointer().wait_until_finished()
+        writer = ocp.StandardCheckpointer()
+        writer.save(step_dir / "params", params)
+        writer.wait_until_finished()
     else:
         victim = _largest_file(step_dir)
         data = bytearray(open(victim, "rb").read())
@@ -107,8 +101,7 @@ def test_damaged_newest_step_is_skipped_with_the_reason(saved, run_copy, damage)
     why = {"flip_4000_bytes": "unreadable|NaN|checksum", "truncate": "unreadable",
            "rewritten_params": r"checksum mismatch in \['params'\]\['norm'\]"}[damage]  # fmt: skip
     assert any("skipped checkpoint" in m and "checkpoints/3" in m for m in logs), logs
-    assert any(re.search(why, m) for m in logs), logs
-    print(logs[0])
+    assert any(re.search(why, m) for m in logs), logs[0]
     # the damaged step is kept for a post-mortem, under a name that is no longer a step
     assert ckpt.finished_steps(run_copy) == [1, 2]
     assert any(n.startswith("3.damaged-") for n in os.listdir(run_copy / "checkpoints"))
