@@ -60,7 +60,7 @@ class RunSummary:
     checkpoint: str | None  # latest committed checkpoint step dir
     preempted: bool = False
     losses: list[float] = dataclasses.field(default_factory=list)
-    total_steps: int | None = None  # train.steps: set when the run stopped short of it (--stop-at)
+    total_steps: int | None = None  # train.steps (a run that ends short of it was paused)
 
     def line(self) -> str:
         if self.first_step > self.last_step:
@@ -74,14 +74,12 @@ class RunSummary:
             else "no steps run"
         )
         tps = f"{self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "tokens/s n/a"
+        paused = self.total_steps is not None and self.last_step < self.total_steps
+        head, tail = "done", ""
         if self.preempted:
             head = "done (preempted: SIGTERM)"
-        elif self.total_steps is not None and self.last_step < self.total_steps:
+        elif paused:  # --stop-at
             head = f"paused at {self.last_step}/{self.total_steps}"
-        else:
-            head = "done"
-        tail = ""
-        if head.startswith("paused"):
             tail = "; rerun without --stop-at (or with a later one) to continue"
         return (
             f"[train] {head}: steps {self.first_step}..{self.last_step}, {loss}, {tps}, "
