@@ -148,22 +148,24 @@ class MetricsLog:
             os.replace(tmp, self.path)
         self.file = open(self.path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.writer = _ScalarEvents(os.path.join(run_dir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # TensorBoard first, flushed: a step in metrics.jsonl is then in TensorBoard too,
+        # even after a kill -9.
+        if self.writer is not None:
+            scalars = {
+                f"train/{k}": v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+            }
+            self.writer.write(record["step"], scalars)
         # NaN/inf are not JSON (json.dumps would write bare NaN): they are logged as null.
         clean = {k: _json_number(v) for k, v in record.items()}
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
-            self.writer.flush()  # a kill -9 must not lose the last steps' scalars
 
     def close(self) -> None:
         if not self.enabled:
@@ -171,6 +173,34 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class _ScalarEvents:
+    """TensorBoard scalars written and flushed in the calling thread.
+
+    tensorboardX's SummaryWriter hands events to a background thread, so its flush() does not
+    mean "on disk": a kill -9 right after it lost the last steps. This writes each step's
+    event file record synchronously (tensorboardX's EventsWriter: the same file format).
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        event = Event(wall_time=time.time(), step=step)
+        for tag, value in scalars.items():
+            event.summary.value.extend(scalar(tag, value).value)
+        self._events.write_event(event)
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
 
 
 def _json_number(v):
