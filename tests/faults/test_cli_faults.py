@@ -204,7 +204,7 @@ def test_two_writers_on_one_run_dir(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_disk_full_while_saving_exits_2_and_resumes_after(tmp_path, cache_dir):
+def test_disk_full_while_saving_exits_2_at_once(tmp_path, cache_dir):
     with small_filesystem(tmp_path / "fs", 4 * 2**20) as (root, kind):
         run = os.path.join(root, "run")
         p = _train(run, cache_dir, "--steps", "12", *CKPT)
