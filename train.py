@@ -10,6 +10,7 @@ coordinator is discovered). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -61,20 +62,46 @@ def _overrides(args) -> dict[str, str]:
     return out
 
 
+class _NoBackgroundTracebacks(logging.Filter):
+    """Orbax logs a failed background save with its traceback before re-raising it in the
+    main thread, where train.py reports it in one line (exit 2): keep the log line, drop the
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from loopcoder_jax import distributed  # imports jax: keep it off the --help path
 
     distributed.initialize(args)
 
+    from loopcoder_jax import checkpoint as ckpt
     from loopcoder_jax.config import ConfigError, ExperimentConfig
-    from loopcoder_jax.trainer import TrainingDivergedError, run
+    from loopcoder_jax.runlock import RunDirLockedError
+    from loopcoder_jax.trainer import SilentCorruptionError, TrainingDivergedError, run
 
+    # After the imports above, which install the log handlers Orbax writes to.
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_NoBackgroundTracebacks())
+    # Faults that end a run with a message naming the problem and the fix (exit 2).
+    clear_errors = (
+        ConfigError,
+        TrainingDivergedError,
+        SilentCorruptionError,
+        RunDirLockedError,
+        ckpt.CheckpointCorruptError,
+        ckpt.CheckpointSaveError,
+        ckpt.CheckpointNotFoundError,
+    )
     config = args.config or DEFAULT_CONFIG
     try:
         exp = ExperimentConfig.from_yaml(config, _overrides(args))
         run(exp, progress=not args.no_progress, stop_at=args.stop_at)
-    except (ConfigError, TrainingDivergedError) as e:
+    except clear_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # MeshError, DataError, ...: messages name the fix

@@ -17,6 +17,7 @@ See `storage.py`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from loopcoder_jax import checkpoint_integrity as integrity
 from loopcoder_jax import storage
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
 
@@ -123,10 +125,15 @@ class ParamsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        elif self._primary:
-            storage.rmtree(self.tmp)
+        committed = False
+        try:
+            if exc_type is None:
+                self.commit()  # may fail too (disk full while writing the last group)
+                committed = True
+        finally:
+            # On an object store tmp IS the destination: never remove it once committed.
+            if self._primary and not committed:
+                storage.rmtree(self.tmp)
 
     def _sync(self, what: str):
         if self._multi:
@@ -462,6 +469,69 @@ CHECKPOINTS_DIR = "checkpoints"
 OPT_STATE_ITEM = "opt_state"
 DATA_ITEM = "data"
 META_ITEM = "meta"
+INTEGRITY_ITEM = "integrity"
+
+
+class NonFiniteStateError(ValueError):
+    """The state to be saved holds NaN/inf: it is not saved (`leaves` names them)."""
+
+    def __init__(self, step: int, leaves: list[str]):
+        self.step, self.leaves = step, leaves
+        super().__init__(
+            f"step {step}: not saving a checkpoint with non-finite values (NaN/inf) in "
+            f"{integrity.short_list(leaves)}"
+        )
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, permissions, I/O); nothing half-written remains
+    under a step's final name."""
+
+    def __init__(self, where: str, cause: BaseException):
+        self.cause = cause
+        disk_full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        disk_full = disk_full or "No space left" in str(cause)
+        fix = (
+            "the disk is full (No space left on device): free space or point train.run_dir at "
+            "a larger disk"
+            if disk_full
+            else "fix the storage problem"
+        )
+        super().__init__(
+            f"Saving a checkpoint in {where} failed; nothing was committed under that name. "
+            f"Hint: {fix}, then rerun the same command to resume from the last committed "
+            f"checkpoint. Cause: {_first_line(cause)}"
+        )
+
+
+class CheckpointCorruptError(RuntimeError):
+    """Every checkpoint of a run failed verification; `damaged` lists (step, reason)."""
+
+    def __init__(self, directory: str, damaged: list[tuple[int, str]]):
+        self.damaged = damaged
+        lines = "\n".join(f"  step {s}: {why}" for s, why in damaged)
+        super().__init__(
+            f"No checkpoint in {directory} verifies, so the run cannot resume:\n{lines}\n"
+            "Restore the run dir from a backup, or start over with a new --run-dir "
+            "(optionally --init-from a params checkpoint you trust)."
+        )
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    # TensorStore appends a multi-line spec dump to its messages: keep the reason only.
+    text = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _agree(problem: str | None) -> str | None:
+    """Every process's verdict on a step combined (any problem anywhere is a problem)."""
+    if jax.process_count() == 1:
+        return problem
+    bad = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is None and np.any(bad):
+        return f"unreadable on process(es) {np.flatnonzero(bad).tolist()}"
+    return problem
 
 
 def finished_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -530,6 +600,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,  # leftovers of a killed save are not checkpoints
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of the save running in the background
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -544,14 +615,28 @@ class TrainCheckpointer:
         """
         import grain
 
+        # Checksums (and the finite check) of exactly the arrays being saved, computed before
+        # the next step can donate them; see checkpoint_integrity.py.
+        manifest = integrity.digest({PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state})
+        if manifest["nonfinite"]:
+            raise NonFiniteStateError(step, manifest["nonfinite"])
         items = {
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
             META_ITEM: ocp.args.JsonSave({"step": int(step), **(meta or {})}),
+            INTEGRITY_ITEM: ocp.args.JsonSave(manifest),
         }
         if data_state is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_FrozenState(data_state))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.check_for_errors()  # an earlier background save that failed: say so, now
+        try:
+            self.wait()  # Orbax would wait here anyway; this names the step that failed
+            self._pending = step
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a failed write of any kind: disk full, I/O)
+            raise self._failed(e) from e
 
     def restore(self, step: int, abstract_state):
         """Restores `step` onto the shardings carried by `abstract_state`'s leaves.
@@ -575,7 +660,10 @@ class TrainCheckpointer:
         return state, dict(out[META_ITEM])
 
     def data_states(self, step: int) -> list:
-        """The data-iterator states every process saved at `step` (in process order)."""
+        """The data-iterator states every process saved at `step` (in process order).
+
+        Raises CheckpointNotFoundError when the step has none, ValueError for a garbled file.
+        """
         directory = storage.join(self.step_dir(step), DATA_ITEM)
         if not storage.isdir(directory):
             raise CheckpointNotFoundError(
@@ -587,10 +675,104 @@ class TrainCheckpointer:
         files.sort(key=lambda n: int(n[len("process_") :].split("-of-")[0]))
         return [storage.read_json(storage.join(directory, name)) for name in files]
 
+    def check_for_errors(self) -> None:
+        """Raises `CheckpointSaveError` if a background save has failed (cheap; call per step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e) from e
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e) from e
+        self._pending = None
+
+    def _failed(self, cause: BaseException) -> CheckpointSaveError:
+        """The error for a failed save; removes its partial files (they only take space: a
+        step directory gets its final name only when complete)."""
+        step, self._pending = self._pending, None
+        if jax.process_index() == 0 and storage.isdir(self.directory):
+            for name in storage.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    storage.rmtree(storage.join(self.directory, name))
+        where = self.step_dir(step) if step is not None else self.directory
+        return CheckpointSaveError(where, cause)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # ------------------------------------------------------------------ verified restore
+    def saved_manifest(self, step: int) -> dict | None:
+        """The checksum manifest saved with `step`, or None for a step written before them."""
+        if not storage.isdir(storage.join(self.step_dir(step), INTEGRITY_ITEM)):
+            return None
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(**{INTEGRITY_ITEM: ocp.args.JsonRestore()})
+        )
+        return dict(out[INTEGRITY_ITEM])
+
+    def verify_restored(self, step: int, state) -> str | None:
+        """Why the restored `state` of `step` cannot be trusted, or None (collective)."""
+        restored = integrity.digest({PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state})
+        return integrity.compare(self.saved_manifest(step), restored)
+
+    def restore_verified(self, abstract_state, log=print):
+        """Restores the newest step that verifies, walking back past damaged ones.
+
+        Each step is restored and its arrays checked against the checksums saved with it
+        (steps written before checksums existed: finiteness only, with a note). A step that
+        fails is logged with the reason and the next older one is tried.
+        Returns (step, TrainState, meta, data states of every process), or None when the run
+        has no checkpoints. Raises `CheckpointCorruptError` (naming every step and its
+        damage) when checkpoints exist but none verifies: never a silent fresh start.
+        """
+        steps = finished_steps(storage.parent(self.directory))
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            state = meta = data = None
+            try:
+                state, meta = self.restore(step, abstract_state)
+                data = self.data_states(step)
+                problem = None
+            except Exception as e:  # noqa: BLE001  (truncated/garbled files: reader errors)
+                problem = f"unreadable: {_first_line(e)}"
+            problem = _agree(problem)  # all processes take the same decision
+            if problem is None:
+                problem = self.verify_restored(step, state)
+            if problem is None:
+                if self.saved_manifest(step) is None:
+                    log(
+                        f"[train] note: checkpoint {step} predates checksums (older version); "
+                        "restored unverified (finite values checked)"
+                    )
+                self._set_aside(damaged, log)
+                return step, state, meta, data
+            damaged.append((step, problem))
+            log(f"[train] skipped checkpoint {self.step_dir(step)}: {problem}")
+        if damaged:
+            raise CheckpointCorruptError(self.directory, damaged)
+        return None
+
+    def _set_aside(self, damaged: list[tuple[int, str]], log) -> None:
+        """Renames damaged steps newer than the resumed one to `<step>.damaged` (kept for a
+        post-mortem; no longer a step name), so training can write those steps again."""
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            for step, _ in damaged:
+                if storage.is_remote(self.directory):  # object stores cannot rename
+                    storage.rmtree(self.step_dir(step))
+                    log(f"[train] deleted the damaged checkpoint {self.step_dir(step)}")
+                    continue
+                aside = f"{self.step_dir(step)}.damaged-{uuid.uuid4().hex[:6]}"
+                os.rename(self.step_dir(step), aside)
+                log(f"[train] moved the damaged checkpoint to {aside}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"loopcoder_jax.set_aside:{self.directory}")
+        self.manager.reload()

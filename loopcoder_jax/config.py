@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -575,6 +576,9 @@ class TrainConfig:
     buffer to [B, loss_chunk, V]). nan_policy: "stop" raises on a non-finite loss (naming the
     step and the last good checkpoint); "skip" leaves the state unchanged for that step.
     checkpoint_every: save every N steps (and at the end); keep_checkpoints: keep the last K.
+    integrity_every: compare the replicas of every replicated parameter and optimizer leaf
+    (silent-data-corruption check, `integrity.py`) every N steps and before every save;
+    0 = off; -1 (default) = before every save on a multi-device mesh, off on one device.
     data_shards: slices the global batch is read in (one grain iterator each); 0 = one per
     process. Fixing it makes the data stream independent of the number of processes.
     """
@@ -604,6 +608,7 @@ class TrainConfig:
     log_every: int = 10
     nan_policy: str = "stop"
     data_shards: int = 0
+    integrity_every: int = -1
 
     def __post_init__(self):
         if self.data_shards < 0:
@@ -623,8 +628,18 @@ class TrainConfig:
             raise ConfigError(
                 f"train.nan_policy={self.nan_policy!r}; choose one of {_NAN_POLICIES}."
             )
+        # `.inf` / `.nan` parse as YAML floats and would poison the first update.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{f.name} must be a finite number, got {value}.")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}.")
+        if self.integrity_every < -1:
+            raise ConfigError(
+                f"train.integrity_every must be -1 (auto), 0 (off) or N >= 1, got "
+                f"{self.integrity_every}."
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "

@@ -29,9 +29,8 @@ import numpy as np
 import tqdm
 
 from loopcoder_jax import checkpoint as ckpt
-from loopcoder_jax import checkpoint_stream, hf_export
+from loopcoder_jax import checkpoint_stream, hf_export, storage
 from loopcoder_jax import safetensors_io as sio
-from loopcoder_jax import storage
 from loopcoder_jax.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,13 @@ Usage (every N steps, from the training loop):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter, defaultdict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 class ReplicaMismatch(RuntimeError):
@@ -121,15 +123,43 @@ def _process_slots(leaf, process: int):
     return [(d, idx) for d, idx in index_map.items() if d.process_index == process]
 
 
+@functools.lru_cache(maxsize=256)
+def _per_device_fingerprint_fn(mesh, spec):
+    """One program fingerprinting every device's own copy of a NamedSharding'd leaf.
+
+    `shard_map` runs `_fingerprint` on each device's local block with no communication (a
+    replicated in_spec is not checked, so each device reads its own, possibly corrupted,
+    copy); device i's result lands in row i of a [devices, 3] output. One compile per
+    (mesh, spec, shape) instead of one per (device, shape) when jitting each shard.
+    """
+    axes = tuple(mesh.axis_names)
+    fn = jax.shard_map(
+        lambda x: _fingerprint(x)[None],
+        mesh=mesh,
+        in_specs=(spec,),
+        out_specs=PartitionSpec(axes),
+        check_vma=False,
+    )
+    return jax.jit(fn)
+
+
+def _device_fingerprints(leaf) -> dict:
+    """{device: uint32[3] device array} for this process's devices holding `leaf`."""
+    if isinstance(leaf.sharding, NamedSharding):
+        out = _per_device_fingerprint_fn(leaf.sharding.mesh, leaf.sharding.spec)(leaf)
+        return {s.device: s.data[0] for s in out.addressable_shards}
+    # other shardings (e.g. one device): fingerprint each shard on its own device
+    return {s.device: _fingerprint(s.data) for s in leaf.addressable_shards}
+
+
 def fingerprints(params) -> list[tuple[str, tuple, int, int, np.ndarray]]:
     """(path, index, device id, process index, uint32[3]) for this process's shards."""
     out = []
     me = jax.process_index()
     for name, leaf in _leaves(params):
-        by_device = {s.device: s for s in leaf.addressable_shards}
+        by_device = _device_fingerprints(leaf)  # computed on each shard's own device
         for dev, index in _process_slots(leaf, me):
-            fp = _fingerprint(by_device[dev].data)  # computed on the shard's own device
-            out.append((name, index, dev.id, me, fp))
+            out.append((name, index, dev.id, me, by_device[dev]))
     return [(n, i, d, p, np.asarray(fp)) for n, i, d, p, fp in out]
 
 

@@ -36,14 +36,19 @@ import jax
 import numpy as np
 
 from loopcoder_jax import checkpoint as ckpt
-from loopcoder_jax import flops, storage
+from loopcoder_jax import flops, integrity, runlock, storage
 from loopcoder_jax import sharding as sh
 from loopcoder_jax import training as tr
+from loopcoder_jax.checkpoint_integrity import short_list
 from loopcoder_jax.config import ConfigError, ExperimentConfig, ModelConfig
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf (train.nan_policy = "stop")."""
+    """The loss, grad norm or state became NaN/inf (train.nan_policy = "stop")."""
+
+
+class SilentCorruptionError(RuntimeError):
+    """Replicas of a parameter disagree (integrity.py): a faulty device; the message names it."""
 
 
 @dataclasses.dataclass
@@ -57,18 +62,30 @@ class RunSummary:
     checkpoint: str | None  # latest committed checkpoint step dir
     preempted: bool = False
     losses: list[float] = dataclasses.field(default_factory=list)
+    total_steps: int | None = None  # train.steps (a run that ends short of it was paused)
 
     def line(self) -> str:
+        if self.first_step > self.last_step:
+            return (
+                f"[train] already complete at step {self.last_step}: raise --steps or use a "
+                f"new --run-dir (checkpoint {self.checkpoint})"
+            )
         loss = (
             f"loss {self.first_loss:.4f} -> {self.last_loss:.4f}"
             if self.first_loss is not None
             else "no steps run"
         )
         tps = f"{self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "tokens/s n/a"
-        why = " (preempted: SIGTERM)" if self.preempted else ""
+        paused = self.total_steps is not None and self.last_step < self.total_steps
+        head, tail = "done", ""
+        if self.preempted:
+            head = "done (preempted: SIGTERM)"
+        elif paused:  # --stop-at
+            head = f"paused at {self.last_step}/{self.total_steps}"
+            tail = "; rerun without --stop-at (or with a later one) to continue"
         return (
-            f"[train] done{why}: steps {self.first_step}..{self.last_step}, {loss}, {tps}, "
-            f"checkpoint {self.checkpoint}"
+            f"[train] {head}: steps {self.first_step}..{self.last_step}, {loss}, {tps}, "
+            f"checkpoint {self.checkpoint}{tail}"
         )
 
 
@@ -150,24 +167,33 @@ class MetricsLog:
         if not self.remote:
             self.file = open(self.path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(storage.join(run_dir, "tensorboard"))
+            if self.remote:  # tensorboardX writes gs:// itself; _ScalarEvents is local-only
+                self.writer = _RemoteScalarEvents(storage.join(run_dir, "tensorboard"))
+            else:
+                self.writer = _ScalarEvents(os.path.join(run_dir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # TensorBoard first, flushed: a step in metrics.jsonl is then in TensorBoard too,
+        # even after a kill -9.
+        if self.writer is not None:
+            scalars = {
+                f"train/{k}": v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+            }
+            self.writer.write(record["step"], scalars)
+        # NaN/inf are not JSON (json.dumps would write bare NaN): they are logged as null.
+        clean = {k: _json_number(v) for k, v in record.items()}
+        line = json.dumps(clean, allow_nan=False) + "\n"
         if self.remote:
-            self._lines.append(json.dumps(record) + "\n")
+            self._lines.append(line)
             if time.monotonic() - self._uploaded > self.upload_every_s:
                 self.flush()
         else:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(line)
             self.file.flush()
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
 
     def flush(self) -> None:
         """Object store: uploads the whole log (local files are flushed on every write)."""
@@ -184,6 +210,55 @@ class MetricsLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class _ScalarEvents:
+    """TensorBoard scalars written and flushed in the calling thread.
+
+    tensorboardX's SummaryWriter hands events to a background thread, so its flush() does not
+    mean "on disk": a kill -9 right after it lost the last steps. This writes each step's
+    event file record synchronously (tensorboardX's EventsWriter: the same file format).
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        event = Event(wall_time=time.time(), step=step)
+        for tag, value in scalars.items():
+            event.summary.value.extend(scalar(tag, value).value)
+        self._events.write_event(event)
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
+class _RemoteScalarEvents:
+    """_ScalarEvents' interface over tensorboardX's own writer, which can write gs:// (it
+    buffers: an object store has no partial appends to flush anyway)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self._writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _json_number(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 # ---------------------------------------------------------------------------- data
@@ -310,7 +385,62 @@ def run(
     model = tr.experiment_model(exp.model, exp.runtime)
     optimizer = tr.make_optimizer(tc)
     tr.validate(model, mesh, rules, tc)  # bad mesh/batch: a clear error before compiling
-    run_dir = prepare_run_dir(exp, tokenizer.path)
+    run_dir = storage.resolve(tc.run_dir)
+    created = not storage.exists(run_dir)
+    lock = _lock_run_dir(run_dir)
+    started = _Started()
+    try:
+        return _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, stop_at,
+                      started)  # fmt: skip
+    except BaseException:
+        if created and not started.training and _is_main() and not ckpt.finished_steps(run_dir):
+            lock.release()
+            storage.rmtree(run_dir)  # a failed start leaves no empty run dir
+        raise
+    finally:
+        lock.release()
+
+
+@dataclasses.dataclass
+class _Started:
+    training: bool = False  # the first step has run: the run dir now holds a real attempt
+
+
+def _lock_run_dir(run_dir: str) -> runlock.RunDirLock | _NoLock:
+    """Process 0 locks RUN (one writer per run dir); every process learns whether it did."""
+    lock, error = _NoLock(), None
+    if storage.is_remote(run_dir):
+        # An object store has no atomic create-if-absent through our storage layer: one
+        # writer per gs:// run dir is the launcher's job (one job name per run dir).
+        if _is_main():
+            _log(f"[train] note: {run_dir} is on an object store; the run-dir lock is local-only")
+    elif _is_main():
+        lock = runlock.RunDirLock(run_dir, log=_log)
+        try:
+            lock.acquire()
+        except runlock.RunDirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and np.any(failed):
+            error = runlock.RunDirLockedError(
+                f"process 0 could not lock {run_dir} (see its message); not starting."
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, stop_at, started):
+    tc = exp.train
+    prepare_run_dir(exp, tokenizer.path)
     batches = ShardedBatches(exp, tokenizer)
 
     checkpointer = ckpt.TrainCheckpointer(
@@ -320,10 +450,14 @@ def run(
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, _ = checkpointer.restore(start, abstract)
-        batches.set_state(checkpointer.data_states(start))
+    try:
+        resumed = checkpointer.restore_verified(abstract, log=_log)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if resumed is not None:
+        start, state, _, data_states = resumed
+        batches.set_state(data_states)
         _log(f"[train] resumed from {checkpointer.step_dir(start)}")
     elif tc.init_from:
         _, params = ckpt.load_params(
@@ -335,6 +469,12 @@ def run(
     else:
         state = tr.make_init_fn(model, optimizer, mesh, rules)(jax.random.key(tc.seed))
         start = 0
+    if start >= tc.steps:
+        checkpointer.close()
+        summary = RunSummary(run_dir, start + 1, start, None, None, None,
+                             checkpointer.step_dir(start))  # fmt: skip
+        _log(summary.line())
+        return summary
     n_params = tr.count_params(abstract.params)
     _log(
         f"[train] {n_params:,} params, mesh {dict(mesh.shape)}, {jax.process_count()} process(es),"
@@ -347,6 +487,9 @@ def run(
     peak = flops.device_peak_flops(jax.devices()[0].device_kind)
     peak_total = peak * jax.device_count() if peak else None
     tokens_per_step = tc.batch_size * tc.seq_len
+    # silent-data-corruption check (integrity.py): every N steps and/or before each save
+    check_every = tc.integrity_every if tc.integrity_every > 0 else None
+    check_at_save = tc.integrity_every > 0 or (tc.integrity_every == -1 and mesh.devices.size > 1)
 
     metrics_log = MetricsLog(run_dir, start)
     stop = _StopFlag().install()
@@ -356,9 +499,10 @@ def run(
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     losses, rates = [], []
-    last_saved = start if start > 0 else None
+    saved = [start] if start > 0 else []  # steps whose save started (each checked finite)
     preempted = False
     step = start
+    failing = False
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
@@ -367,13 +511,15 @@ def run(
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
-            if not math.isfinite(m["loss"]) and tc.nan_policy == "stop":
-                last = checkpointer.step_dir(last_saved) if last_saved else "none"
+            started.training = True
+            checkpointer.check_for_errors()  # a background save that failed stops the run now
+            finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+            if not finite and tc.nan_policy == "stop":
                 raise TrainingDivergedError(
-                    f"Loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}). Last good "
-                    f"checkpoint: {last}. Try a lower train.lr or longer train.warmup_steps, "
-                    "train.clip_grad_norm, runtime.bptt_grad_scale < 1, or train.nan_policy=skip "
-                    "to drop such steps."
+                    f"Loss is {m['loss']} and grad norm {m['grad_norm']} at step {step}: the "
+                    f"update is not finite. {_last_good(checkpointer, saved)} Try a lower "
+                    "train.lr or longer train.warmup_steps, train.clip_grad_norm, "
+                    "runtime.bptt_grad_scale < 1, or train.nan_policy=skip to drop such steps."
                 )
             tps = tokens_per_step / dt
             record = {
@@ -403,20 +549,38 @@ def run(
                     )
             preempted = stop.any_process()
             pause = stop_at is not None and step >= stop_at
-            if step % tc.checkpoint_every == 0 or step == tc.steps or preempted or pause:
+            save = step % tc.checkpoint_every == 0 or step == tc.steps or preempted or pause
+            if (check_every and step % check_every == 0) or (save and check_at_save):
+                _check_replicas(state, step, checkpointer, saved)
+            if save:
                 metrics_log.flush()  # object store: the log first, so it covers the checkpoint
-                checkpointer.save(
-                    step, state, data_state=batches.get_state(), meta={"loss": m["loss"]}
-                )
-                last_saved = step
+                try:
+                    checkpointer.save(
+                        step, state, data_state=batches.get_state(), meta={"loss": m["loss"]}
+                    )
+                except ckpt.NonFiniteStateError as e:
+                    raise TrainingDivergedError(
+                        f"At step {step} (loss {m['loss']}, grad norm {m['grad_norm']}) the "
+                        f"state holds NaN/inf in {short_list(e.leaves)}; it was not saved. "
+                        f"{_last_good(checkpointer, saved)} Try a lower train.lr or "
+                        "train.clip_grad_norm."
+                    ) from None
+                saved.append(step)
             if preempted or pause:
                 break
+    except BaseException:
+        failing = True
+        raise
     finally:
         if bar is not None:
             bar.close()
         stop.uninstall()
-        checkpointer.close()  # waits for pending async saves: committed or not, never half
         metrics_log.close()
+        try:
+            checkpointer.close()  # waits for pending async saves: committed or not, never half
+        except ckpt.CheckpointSaveError:
+            if not failing:  # else the error already in flight is the one to report
+                raise
     summary = RunSummary(
         run_dir=run_dir,
         first_step=start + 1,
@@ -424,9 +588,33 @@ def run(
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         tokens_per_s=statistics.median(rates) if rates else None,
-        checkpoint=checkpointer.step_dir(last_saved) if last_saved else None,
+        checkpoint=checkpointer.step_dir(saved[-1]) if saved else None,
         preempted=preempted,
         losses=losses,
+        total_steps=tc.steps,
     )
     _log(summary.line())
     return summary
+
+
+def _last_good(checkpointer: ckpt.TrainCheckpointer, saved: list[int]) -> str:
+    """Names the newest checkpoint verified finite (every save is) that is committed."""
+    try:
+        checkpointer.wait()
+    except ckpt.CheckpointSaveError:
+        pass  # that save is not a checkpoint; an older one is named below
+    committed = set(ckpt.finished_steps(storage.parent(checkpointer.directory)))
+    good = [s for s in saved if s in committed]
+    if not good:
+        return "No checkpoint of this run is verified finite (none was saved)."
+    return f"Last checkpoint verified finite: {checkpointer.step_dir(good[-1])}."
+
+
+def _check_replicas(state, step, checkpointer, saved) -> None:
+    mismatches = integrity.check_replicas({"params": state.params, "opt_state": state.opt_state})
+    if mismatches:
+        raise SilentCorruptionError(
+            f"Silent data corruption detected at step {step} (replica check, "
+            f"train.integrity_every): {integrity.ReplicaMismatch(mismatches)} "
+            f"{_last_good(checkpointer, saved)}"
+        )

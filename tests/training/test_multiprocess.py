@@ -100,6 +100,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     outs = _two_processes(multi, cache, "--stop-at", "4")
     assert "2 process(es)" in outs[0][1] and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2" in outs[0][1]
     assert "[train]" not in outs[1][1]  # only process 0 reports
+    assert "[train] paused at 4/6" in outs[0][1]
+    assert not (multi / ".lock").exists()  # process 0 held the run-dir lock and released it
     assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
     # both processes saved their data-iterator state
     data_dir = multi / "checkpoints" / "4" / "data"
