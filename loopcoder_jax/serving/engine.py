@@ -45,6 +45,7 @@ class SlotState:
     temperature: jax.Array  # float32; 0 = greedy
     top_k: jax.Array  # int32; V = no top-k
     top_p: jax.Array  # float32; 1 = no top-p
+    use_eos: jax.Array  # bool: a stop id ends the slot (False: only the budget does)
 
 
 def sample_rows(keys, logits, temperature, top_k, top_p):
@@ -123,9 +124,17 @@ class SlotEngine:
         cache1 = sh.logical_to_mesh_sharding(specs, mesh, self._rules1)
         row, rows2, rep = engine._row, engine._rows2, engine._replicated
         self.state_shardings = SlotState(
-            cache=engine.cache_shardings, tokens=row, keys=rows2, steps=row, remaining=row,
-            active=row, temperature=row, top_k=row, top_p=row,
-        )  # fmt: skip
+            cache=engine.cache_shardings,
+            tokens=row,
+            keys=rows2,
+            steps=row,
+            remaining=row,
+            active=row,
+            temperature=row,
+            top_k=row,
+            top_p=row,
+            use_eos=row,
+        )
         self._rep = rep
         with engine._mesh_context():
             self._init_state = jax.jit(self._init_state_impl, out_shardings=self.state_shardings)
@@ -167,6 +176,7 @@ class SlotEngine:
             temperature=jnp.zeros((b,), jnp.float32),
             top_k=jnp.zeros((b,), jnp.int32),
             top_p=jnp.ones((b,), jnp.float32),
+            use_eos=jnp.ones((b,), bool),
         )
 
     def _chunk_impl(self, params, cache1, ids, n):
@@ -178,10 +188,11 @@ class SlotEngine:
     def _insert_impl(self, state: SlotState, cache1: LoopCache, logits, slot, row, eos_ids):
         """Writes the prefilled row into `slot` and samples its first token.
 
-        row: (key data [2] uint32, temperature, top_k, top_p, max_new_tokens) of the request.
+        row: (key data [2] uint32, temperature, top_k, top_p, max_new_tokens, use_eos) of the
+          request.
         Returns (state, [first token, done]).
         """
-        key, temperature, top_k, top_p, budget = row
+        key, temperature, top_k, top_p, budget, use_eos = row
 
         def put(big, small, axis):
             starts = [0] * big.ndim
@@ -198,10 +209,13 @@ class SlotEngine:
         )
         wrapped = jax.random.wrap_key_data(key)
         tok = sample_rows(
-            jax.random.fold_in(wrapped, 0)[None], logits, temperature[None], top_k[None],
+            jax.random.fold_in(wrapped, 0)[None],
+            logits,
+            temperature[None],
+            top_k[None],
             top_p[None],
-        )[0]  # fmt: skip
-        done = jnp.isin(tok, eos_ids) | (budget <= 1)
+        )[0]
+        done = (jnp.isin(tok, eos_ids) & use_eos) | (budget <= 1)
 
         def set_(x, value):
             return x.at[slot].set(value)
@@ -216,6 +230,7 @@ class SlotEngine:
             temperature=set_(state.temperature, temperature),
             top_k=set_(state.top_k, top_k),
             top_p=set_(state.top_p, top_p),
+            use_eos=set_(state.use_eos, use_eos),
         )
         # A row finished at once is free: its length goes back to 0 (no cache reads).
         lengths = state.cache.lengths.at[slot].set(jnp.where(done, 0, cache1.lengths[0]))
@@ -242,14 +257,16 @@ class SlotEngine:
             j, state, out, emitted = carry
             with nn.logical_axis_rules(self.engine.rules):
                 logits, cache = self.model.apply(
-                    {"params": params}, state.tokens[:, None], state.cache,
+                    {"params": params},
+                    state.tokens[:, None],
+                    state.cache,
                     method=LoopCoder.decode_step,
-                )  # fmt: skip
+                )
             keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state.keys), state.steps)
             tok = sample_rows(keys, logits, state.temperature, state.top_k, state.top_p)
             act = state.active
             tok = jnp.where(act, tok, 0)
-            done = jnp.isin(tok, eos_ids) | (state.remaining <= 1)
+            done = (jnp.isin(tok, eos_ids) & state.use_eos) | (state.remaining <= 1)
             still = act & ~done
             cache = cache.replace(lengths=jnp.where(still, cache.lengths, 0))
             state = state.replace(
@@ -296,8 +313,18 @@ class SlotEngine:
                 self.params, cache1, _to_global(arr, self._rep), _to_global(n, self._rep)
             )
 
-    def insert(self, cache1, logits, slot: int, *, seed: int, sampling: Sampling,
-               max_new_tokens: int, eos_ids) -> tuple[int, bool]:  # fmt: skip
+    def insert(
+        self,
+        cache1,
+        logits,
+        slot: int,
+        *,
+        seed: int,
+        sampling: Sampling,
+        max_new_tokens: int,
+        eos_ids,
+        ignore_eos: bool = False,
+    ) -> tuple[int, bool]:
         """Puts a prefilled request into `slot`; returns (first token, finished already)."""
         key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         top_k = self.cfg.vocab_size if sampling.top_k is None else sampling.top_k
@@ -308,13 +335,18 @@ class SlotEngine:
             np.int32(min(top_k, self.cfg.vocab_size)),
             np.float32(top_p),
             np.int32(max_new_tokens),
+            np.bool_(not ignore_eos),
         )
         row = tuple(_to_global(x, self._rep) for x in row)
         with self.engine._mesh_context():
             self.state, out = self._insert(
-                self.state, cache1, logits, _to_global(np.int32(slot), self._rep), row,
+                self.state,
+                cache1,
+                logits,
+                _to_global(np.int32(slot), self._rep),
+                row,
                 _to_global(eos_ids, self._rep),
-            )  # fmt: skip
+            )
         tok, done = (int(x) for x in jax.device_get(out))
         return tok, bool(done)
 

@@ -44,6 +44,7 @@ class Request:
     max_new_tokens: int
     sampling: Sampling = Sampling()
     seed: int = 0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, vLLM's extension)
     on_tokens: Callable[[Request, list[int]], None] | None = None
     on_finish: Callable[[Request], None] | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -58,8 +59,9 @@ class Request:
 class Scheduler:
     """Continuous batching over a `SlotEngine` (see the module docstring)."""
 
-    def __init__(self, slots: SlotEngine, eos_ids: Sequence[int] | None = None,
-                 *, prefill_chunks: int = 4):  # fmt: skip
+    def __init__(
+        self, slots: SlotEngine, eos_ids: Sequence[int] | None = None, *, prefill_chunks: int = 4
+    ):
         self.slots = slots
         self.eos = eos_array(slots.engine, eos_ids)
         self.eos_set = {int(e) for e in self.eos}
@@ -150,6 +152,7 @@ class Scheduler:
             gone.append(self._running.pop(s))
             self._free.append(s)
         for r in gone:
+            self.stats["cancelled"] += 1
             self._finish(r, "cancelled")
         return bool(gone)
 
@@ -177,9 +180,15 @@ class Scheduler:
             self._prefilling = None
             slot = self._free.pop()
             tok, done = self.slots.insert(
-                cache1, logits, slot, seed=request.seed, sampling=request.sampling,
-                max_new_tokens=request.max_new_tokens, eos_ids=self.eos,
-            )  # fmt: skip
+                cache1,
+                logits,
+                slot,
+                seed=request.seed,
+                sampling=request.sampling,
+                max_new_tokens=request.max_new_tokens,
+                eos_ids=self.eos,
+                ignore_eos=request.ignore_eos,
+            )
             request.timings["first_token"] = time.perf_counter()
             self._running[slot] = request
             self._emit(slot, [tok])
@@ -188,7 +197,7 @@ class Scheduler:
     def _decode(self) -> None:
         out, emitted = self.slots.decode(self.eos)
         self.stats["decode_calls"] += 1
-        for slot, request in list(self._running.items()):
+        for slot in list(self._running):
             new = [int(t) for t in out[slot][emitted[slot]]]
             if new:
                 self._emit(slot, new)
@@ -204,7 +213,7 @@ class Scheduler:
                 log.exception("on_tokens of request %d failed; cancelling it", request.id)
                 request.cancelled = True
         reason = None
-        if request.tokens[-1] in self.eos_set:
+        if request.tokens[-1] in self.eos_set and not request.ignore_eos:
             reason = "stop"
         elif len(request.tokens) >= request.max_new_tokens:
             reason = "length"
@@ -279,4 +288,3 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-

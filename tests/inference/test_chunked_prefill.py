@@ -31,7 +31,7 @@ def _scaled_err(got, want):
     return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(loop_num):
     cfg = tiny_cfg(loop_num=loop_num)
     model = LoopCoder(cfg, RUNTIME)

@@ -52,7 +52,9 @@ def _check_greedy_equals_static(cfg, params, engine, slots):
     eos = [free[1][6]]
     want = _static(engine, params, prompts, NEWS, eos)
     assert any(len(w) < n for w, n in zip(want, NEWS, strict=True))
-    got = Scheduler(slots, eos).generate([Request(p, n) for p, n in zip(prompts, NEWS)])
+    got = Scheduler(slots, eos).generate(
+        [Request(p, n) for p, n in zip(prompts, NEWS, strict=True)]
+    )
     assert [r.tokens for r in got] == want
     for r, w, n in zip(got, want, NEWS, strict=True):
         assert r.finish_reason == ("stop" if w[-1] in eos else "length")
