@@ -345,16 +345,22 @@ class SlotEngine:
                 logits,
                 _to_global(np.int32(slot), self._rep),
                 row,
-                _to_global(eos_ids, self._rep),
+                self._device_eos(eos_ids),
             )
         tok, done = (int(x) for x in jax.device_get(out))
         return tok, bool(done)
+
+    def _device_eos(self, eos_ids):
+        key = tuple(int(e) for e in np.asarray(eos_ids))
+        if getattr(self, "_eos_key", None) != key:  # placed once, not on every call
+            self._eos_key, self._eos_dev = key, _to_global(np.asarray(key, np.int32), self._rep)
+        return self._eos_dev
 
     def decode(self, eos_ids) -> tuple[np.ndarray, np.ndarray]:
         """P steps for all slots; returns host (tokens [B, P], emitted [B, P])."""
         with self.engine._mesh_context():
             self.state, out, emitted = self._decode(
-                self.params, self.state, _to_global(eos_ids, self._rep)
+                self.params, self.state, self._device_eos(eos_ids)
             )
         return jax.device_get((out, emitted))
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from loopcoder_jax.config import RuntimeConfig
 from loopcoder_jax.generate import Engine, GenerationError, Sampling
@@ -119,6 +120,25 @@ def test_background_thread_serves_concurrent_submissions(setup2):
     finally:
         sched.stop(timeout=60)
     assert [r.tokens for r in reqs] == want
+
+
+def test_sharded_slots_equal_one_device(setup2):
+    """Slots over data=2 x fsdp=2 and kv heads over tensor=2 (8 fake devices) == 1 device."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
+    cfg, params, engine, slots = setup2
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    sharded = SlotEngine(Engine(cfg, RUNTIME, mesh=mesh), params, SLOTS)
+    cache = sharded.state.cache.global_k  # [L, B, K, S, H]: slots and kv heads split
+    assert cache.addressable_shards[0].data.shape[1:3] == (SLOTS.slots // 4, 1)
+    prompts = random_prompts(LENGTHS[:5], seed=6)
+    never = [cfg.vocab_size - 1]
+    sampling = Sampling(temperature=0.7, top_k=10)
+    reqs = [Request(p, n, sampling if i % 2 else Sampling(), seed=i)
+            for i, (p, n) in enumerate(zip(prompts, NEWS, strict=False))]  # fmt: skip
+    want = [r.tokens for r in Scheduler(slots, never).generate(reqs)]
+    again = [Request(r.prompt, r.max_new_tokens, r.sampling, seed=r.seed) for r in reqs]
+    assert [r.tokens for r in Scheduler(sharded, never).generate(again)] == want
 
 
 @pytest.mark.parametrize(
