@@ -45,6 +45,8 @@ from tests.inference.helpers import random_params  # noqa: E402
 
 
 def git_sha() -> str:
+    if os.environ.get("BENCH_GIT_SHA"):  # a run from an exported snapshot of a commit
+        return os.environ["BENCH_GIT_SHA"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
     return out.stdout.decode().strip() or "unknown"
 
