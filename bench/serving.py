@@ -86,7 +86,9 @@ def run_static(engine, params, prompts, news, slots, eos):
 
 
 def run_continuous(slot_engine, prompts, news, eos):
-    reqs = Scheduler(slot_engine, eos).generate([Request(p, n) for p, n in zip(prompts, news)])
+    reqs = Scheduler(slot_engine, eos).generate(
+        [Request(p, n) for p, n in zip(prompts, news, strict=True)]
+    )
     return [r.tokens for r in reqs]
 
 
