@@ -7,9 +7,10 @@ A. Skewed batch job: `--requests` prompts of 16-512 tokens, max_new_tokens drawn
      continuous: `serving.Scheduler` with `--slots` slots (rows refilled as they finish).
    Generated tokens / wall time, compile excluded (a full warm-up pass of each first), median
    of `--repeats`; the greedy outputs must be identical.
-B. Server overhead: the same kind of job through `python -m loopcoder_jax.serve` (a separate
-   process) with the `openai` client and `--streams` concurrent streaming requests, against
-   the same requests through a `Scheduler` in this process with the same concurrency.
+B. Server overhead: `--requests` text prompts through the HTTP app (`serving.http`, uvicorn on
+   127.0.0.1) with the `openai` client and `--streams` concurrent streaming requests, against
+   the same requests submitted straight to the same `Scheduler` by `--streams` threads; the two
+   alternate `--repeats` times in one process (see `part_b`).
 
 The model: a random-weight stand-in (`--hidden`, `--layers`, loop_num 2, W 64, GQA 4:1).
 Prints one JSON line per part.
@@ -23,12 +24,11 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,10 +105,15 @@ def timed(fn, repeats):
 def part_a(args, cfg, params, engine, eos):
     prompts, news = workload(args, cfg.vocab_size)
     slot_engine = SlotEngine(
-        engine, params,
-        SlotConfig(slots=args.slots, max_length=512 + 256, chunk=args.chunk,
-                   steps_per_call=args.steps_per_call),
-    )  # fmt: skip
+        engine,
+        params,
+        SlotConfig(
+            slots=args.slots,
+            max_length=512 + 256,
+            chunk=args.chunk,
+            steps_per_call=args.steps_per_call,
+        ),
+    )
     t_static, static = timed(
         lambda: run_static(engine, params, prompts, news, args.slots, eos), args.repeats
     )
@@ -132,11 +137,9 @@ def part_a(args, cfg, params, engine, eos):
     )
 
 
-def part_b(args, cfg, params, engine, eos):
-    import openai
-
-    from loopcoder_jax import checkpoint
-    from loopcoder_jax.data.tokenizer import load_tokenizer, shipped_model_path
+def workload_b(args, cfg):
+    """Text prompts (8-200 words) for the server, their ids, budgets 8-256, the stop ids."""
+    from loopcoder_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     rng = np.random.default_rng(args.seed + 1)
@@ -144,88 +147,95 @@ def part_b(args, cfg, params, engine, eos):
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(8, 200, args.requests)]
     news = [int(n) for n in rng.integers(8, 257, size=args.requests)]
     prompts = [tok.encode(t) for t in texts]
-    stop_ids = sorted({*cfg.eos_token_id, *tok.stop_ids})
+    return texts, prompts, news, sorted({*cfg.eos_token_id, *tok.stop_ids})
 
-    # Direct: the scheduler in this process, `streams` client threads each running its share.
+
+def part_b(args, cfg, params, engine, eos):
+    """Direct vs HTTP on one scheduler, alternating repeats in this process.
+
+    uvicorn serves the app in a thread of this process and the `openai` client threads run here
+    too, so the server side pays for the client's work as well (a conservative overhead); both
+    sides share one process, hence one share of a loaded CPU, and alternate to cancel drift.
+    """
+    import openai
+    import uvicorn
+
+    from loopcoder_jax.data.tokenizer import load_tokenizer
+    from loopcoder_jax.serving.http import create_app
+
+    texts, prompts, news, stop_ids = workload_b(args, cfg)
     slot_engine = SlotEngine(
         engine, params, SlotConfig(slots=args.streams, max_length=1024, chunk=args.chunk)
     )
     sched = Scheduler(slot_engine, stop_ids)
-    sched.start()
+    app = create_app(sched, load_tokenizer(), model_name="bench", stop_ids=stop_ids)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()  # its lifespan starts the scheduler thread
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.1)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600
+    )
 
     def direct_one(i):
         r = sched.submit(Request(prompts[i], news[i], ignore_eos=True))
         r.done.wait(600)
         return len(r.tokens)
 
-    def direct():
+    def http_one(i):
+        stream = client.completions.create(
+            model="bench",
+            prompt=texts[i],
+            max_tokens=news[i],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        n = 0
+        for chunk in stream:
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+        return n
+
+    def run(one):
+        t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
-            return sum(pool.map(direct_one, range(args.requests)))
+            n = sum(pool.map(one, range(args.requests)))
+        return time.perf_counter() - t, n
 
     try:
-        t_direct, n_direct = timed(direct, args.repeats)
+        run(direct_one), run(http_one)  # warm-up: every prefill bucket compiled
+        times = {"direct": [], "server": []}
+        for _ in range(args.repeats):
+            for name, one in (("direct", direct_one), ("server", http_one)):
+                t, n = run(one)
+                assert n == sum(news), (name, n, sum(news))
+                times[name].append(t)
     finally:
-        sched.stop(60)
-
-    # Server: a separate process, same slots and model.
-    tmp = tempfile.mkdtemp()
-    path = os.path.join(tmp, "bench")
-    checkpoint.save_params(path, cfg, jax.device_get(params))
-    shutil.copy(shipped_model_path(), os.path.join(path, "tokenizer.model"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "loopcoder_jax.serve", "--checkpoint", path, "--port", str(port),
-        "--slots", str(args.streams), "--max-context", "1024", "--prefill-chunk",
-        str(args.chunk), "--log-level", "warning",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=REPO))
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.5)
-
-        def http_one(i):
-            stream = client.completions.create(
-                model="bench", prompt=texts[i], max_tokens=news[i], temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            n = 0
-            for chunk in stream:
-                if chunk.usage is not None:
-                    n = chunk.usage.completion_tokens
-            return n
-
-        def http():
-            with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
-                return sum(pool.map(http_one, range(args.requests)))
-
-        t_http, n_http = timed(http, args.repeats)
-    finally:
-        proc.terminate()
-        proc.wait(120)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert n_http == n_direct == sum(news), (n_http, n_direct, sum(news))
+        server.should_exit = True
+        thread.join(120)
+    t_direct, t_http = statistics.median(times["direct"]), statistics.median(times["server"])
+    n = sum(news)
     return dict(
         bench="serving.http_overhead",
         requests=args.requests,
         streams=args.streams,
-        new_tokens=n_direct,
+        new_tokens=n,
         direct_s=round(t_direct, 3),
         server_s=round(t_http, 3),
-        direct_tok_s=round(n_direct / t_direct, 1),
-        server_tok_s=round(n_http / t_http, 1),
+        direct_tok_s=round(n / t_direct, 1),
+        server_tok_s=round(n / t_http, 1),
         server_overhead=round(t_http / t_direct - 1, 3),
+        direct_runs=[round(t, 2) for t in times["direct"]],
+        server_runs=[round(t, 2) for t in times["server"]],
     )
 
 

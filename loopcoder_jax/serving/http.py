@@ -381,7 +381,8 @@ def create_app(
 
     async def handle(request: Request, chat: bool):
         body = await read_body(request)
-        prompt, opt = server.parse(body, chat)
+        # Tokenizing a long prompt takes a while: off the event loop, which serves the streams.
+        prompt, opt = await asyncio.to_thread(server.parse, body, chat)
         gen, queue = server.submit(prompt, opt, asyncio.get_running_loop())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
