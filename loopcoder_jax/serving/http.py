@@ -161,6 +161,14 @@ class _Server:
         self.context = scheduler.slots.capacity()
         self.draining = False
 
+    def _encode_chat(self, messages) -> list[int]:
+        # `Tokenizer.encode_chat` (the checkpoint's own template, no doubled BOS) where the
+        # tokenizer has it; otherwise render ChatML and encode it.
+        encode_chat = getattr(self.tok, "encode_chat", None)
+        if encode_chat is not None:
+            return list(encode_chat(messages))
+        return self.tok.encode(self.tok.apply_chat_template(messages))
+
     def parse(self, body: dict, chat: bool) -> tuple[list[int], dict]:
         """Validates a request body; returns (prompt ids, options)."""
         model = _get(body, "model", str, required=True)
@@ -189,7 +197,10 @@ class _Server:
                         400, f"messages[{i}] must be an object with a string 'role'.", "messages"
                     )
                 msgs.append({"role": m["role"], "content": _content(m, i)})
-            prompt = self.tok.encode(self.tok.apply_chat_template(msgs))
+            try:
+                prompt = self._encode_chat(msgs)
+            except ValueError as e:  # the chat template refused the messages
+                raise APIError(400, f"chat template: {e}", "messages") from None
         else:
             raw = _get(body, "prompt", (str, list), required=True)
             if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str | list):
