@@ -18,7 +18,9 @@ argmax. Generation stops at any of the config's `eos_token_id`s or the tokenizer
 --prompts-file: JSONL, one object per line with "prompt" (text) or "messages" (a chat, always
 formatted with the chat template). Every other key is copied to the output line, which adds
 "completion", "finish_reason" ("stop" | "length") and "num_tokens". The output is written
-atomically (temp file + rename) after every prompt has been generated.
+atomically (temp file + rename) after every prompt has been generated, in the input's order.
+Prompts run through continuous batching (`loopcoder_jax.serving`): --batch-size decode slots,
+each refilled as soon as its row finishes; prompts are prefilled --prefill-chunk tokens at a time.
 """
 
 from __future__ import annotations
@@ -72,7 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (prompts-file)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="decode slots (prompts at once; prompts-file)"
+    )
+    p.add_argument(
+        "--prefill-chunk", type=int, default=512,
+        help="prompt tokens per prefill chunk (prompts-file; bounds prefill activation memory)",
+    )  # fmt: skip
     p.add_argument(
         "--mesh",
         default="",
@@ -100,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-new-tokens must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.prefill_chunk < 1:
+        p.error("--prefill-chunk must be >= 1")
     if args.greedy and any(x is not None for x in (args.temperature, args.top_k, args.top_p)):
         p.error("--greedy cannot be combined with --temperature/--top-k/--top-p")
     # Sampling and output checks run here, before a model is loaded or a token generated.
@@ -373,29 +383,29 @@ def run(args) -> int:
     streamer = _Streamer(tok, stop_ids) if single and not args.no_stream else None
     totals = dict(prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_s=0.0, compile_s=0.0)
     results = []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        try:
-            if start == 0:
-                plan = engine.plan(batch, args.max_new_tokens)
-                print(
-                    f"KV cache: {plan['cache_bytes']:,} bytes (batch {plan['batch']} x "
-                    f"{plan['cache_length']} positions: the dense model's + {cfg.loop_num - 1}"
-                    f" x W={cfg.loop_window_size} per layer)",
-                    file=sys.stderr,
-                )
-                if streamer is not None and not args.chat:
-                    sys.stdout.write(texts[0])  # a code prefix: show what the model continues
-                    sys.stdout.flush()
+    try:
+        if args.prompts_file:
+            results = run_continuous(args, engine, params, prompts, sampling, stop_ids, totals)
+        else:
+            plan = engine.plan(prompts, args.max_new_tokens)
+            print(
+                f"KV cache: {plan['cache_bytes']:,} bytes (batch {plan['batch']} x "
+                f"{plan['cache_length']} positions: the dense model's + {cfg.loop_num - 1}"
+                f" x W={cfg.loop_window_size} per layer)",
+                file=sys.stderr,
+            )
+            if streamer is not None and not args.chat:
+                sys.stdout.write(texts[0])  # a code prefix: show what the model continues
+                sys.stdout.flush()
             out = engine.generate(
-                params, batch, args.max_new_tokens, sampling=sampling, eos_ids=stop_ids,
-                seed=[args.seed + start + i for i in range(len(batch))], stream=streamer,
+                params, prompts, args.max_new_tokens, sampling=sampling, eos_ids=stop_ids,
+                seed=[args.seed], stream=streamer,
             )  # fmt: skip
-        except GenerationError as e:
-            raise InferError(str(e)) from None
-        for k in totals:
-            totals[k] += out.stats[k]
-        results.extend(zip(out.tokens, out.finish_reasons, strict=True))
+            for k in totals:
+                totals[k] += out.stats[k]
+            results.extend(zip(out.tokens, out.finish_reasons, strict=True))
+    except GenerationError as e:
+        raise InferError(str(e)) from None
 
     if single:
         tokens, reason = results[0]
@@ -421,6 +431,15 @@ def run(args) -> int:
             write_jsonl_atomic(args.output, out_rows)
         print(f"wrote {len(out_rows)} completions to {args.output}", file=sys.stderr)
 
+    if args.prompts_file:
+        print(
+            f"continuous batching ({args.batch_size} slots): {totals['prompt_tokens']} prompt + "
+            f"{totals['new_tokens']} new tokens in {totals['wall_s']:.2f}s, "
+            f"{totals['new_tokens'] / max(totals['wall_s'], 1e-9):,.1f} new tok/s "
+            "(wall time, compiles included)",
+            file=sys.stderr,
+        )
+        return 0
     prefill = totals["prompt_tokens"] / max(totals["prefill_s"], 1e-9)
     decode = totals["new_tokens"] / max(totals["decode_s"], 1e-9)
     print(
@@ -429,6 +448,40 @@ def run(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def run_continuous(args, engine, params, prompts, sampling, stop_ids, totals):
+    """The prompts through continuous batching; (tokens, finish_reason) per prompt, in order."""
+    import time
+
+    from loopcoder_jax.generate import GenerationError
+    from loopcoder_jax.serving import Request, Scheduler, SlotConfig, SlotEngine
+
+    for i, p in enumerate(prompts):  # the static engine's checks and messages, per prompt
+        try:
+            engine.plan([p], args.max_new_tokens)
+        except GenerationError as e:
+            raise InferError(str(e).replace("Prompt 0", f"Prompt {i}", 1)) from None
+    longest = max(len(p) for p in prompts)
+    t = time.perf_counter()
+    dp = engine.data_parallel  # slots are split over the data axes
+    config = SlotConfig(
+        slots=-(-args.batch_size // dp) * dp,
+        max_length=longest + args.max_new_tokens,
+        chunk=args.prefill_chunk,
+    )
+    slots = SlotEngine(engine, params, config)
+    sched = Scheduler(slots, stop_ids)
+    requests = [
+        Request(p, args.max_new_tokens, sampling, seed=args.seed + i) for i, p in enumerate(prompts)
+    ]
+    for r in requests:
+        sched.validate(r.prompt, r.max_new_tokens)
+    sched.generate(requests)
+    totals["wall_s"] = time.perf_counter() - t
+    totals["prompt_tokens"] = sched.stats["prompt_tokens"]
+    totals["new_tokens"] = sched.stats["new_tokens"]
+    return [(r.tokens, r.finish_reason) for r in requests]
 
 
 def main(argv=None) -> int:

@@ -180,3 +180,58 @@ class Attention(nn.Module):
         visible = (slot_pos >= 0)[:, None, :]
         local_out = kernels.cached_attention(q, rk[layer], rv[layer], visible)
         return self._out(self.loop_gate(q, x, global_out, local_out)), (rk, rv)
+
+    def prefill_chunk(
+        self, x, cos, sin, *, loop_idx: int, positions, chunk_lengths, layer, global_kv,
+        ring_kv=None,
+    ):  # fmt: skip
+        """A chunk of T prompt tokens per row against the caches (chunked prefill).
+
+        Like `decode` with T tokens: loop 0 writes the chunk's K/V into the global cache at
+        `positions` and attends causally to the filled prefix; loops >= 1 attend globally to
+        that cache and locally to the ring (the W tokens before the chunk) plus the chunk,
+        then leave the ring holding the last W tokens of the row's valid part of the chunk.
+
+        Args:
+          x: [B, T, D]; cos, sin: [B, T, 1, H].
+          positions: [B, T] int32, row b's chunk sits at lengths[b] + 0 .. T-1.
+          chunk_lengths: [B] int32 valid tokens of each row's chunk (the rest is padding,
+            written past the row's length, where later tokens overwrite it before it is read).
+          layer, global_kv, ring_kv: as in `decode`.
+        Returns:
+          ([B, T, D], updated cache pair).
+        """
+        from loopcoder_jax.kernels import chunked  # the chunked-prefill kernels
+
+        q, k, v = self._qkv(x, cos, sin)
+        rows = jnp.arange(x.shape[0])[:, None]
+        gk, gv = global_kv
+        if loop_idx == 0:
+            # x[layer, rows, :, positions] is [B, T, K, H]; positions past S are dropped.
+            gk = gk.at[layer, rows, :, positions].set(k.astype(gk.dtype), mode="drop")
+            gv = gv.at[layer, rows, :, positions].set(v.astype(gv.dtype), mode="drop")
+        block = kernels.decode_block(self.decode_block, gk.shape[3])
+        global_out = chunked.chunk_prefix_attention(
+            q, gk, gv, positions, block=block, index=(layer,)
+        )
+        if loop_idx == 0:
+            return self._out(global_out), (gk, gv)
+        rk, rv = ring_kv
+        w = rk.shape[3]
+        start = positions[:, 0]
+        kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H]
+        local_out = chunked.chunk_window_attention(
+            q, rk[layer], rv[layer], chunked.ring_positions(start, w), kt, vt, positions, w
+        )
+        # New ring: slot r takes the newest valid position congruent to r, from the chunk when
+        # that position is in it, else it keeps what it held.
+        new_pos = chunked.ring_positions(start + chunk_lengths, w)  # [B, W]
+        from_chunk = (new_pos >= start[:, None])[:, None, :, None]
+        idx = jnp.clip(new_pos - start[:, None], 0, x.shape[1] - 1)[:, None, :, None]
+
+        def roll(ring, new):  # ring [L, B, K, W, H], new [B, K, T, H]
+            picked = jnp.take_along_axis(new, idx, axis=2).astype(ring.dtype)  # [B, K, W, H]
+            return ring.at[layer].set(jnp.where(from_chunk, picked, ring[layer]))
+
+        rk, rv = roll(rk, kt), roll(rv, vt)
+        return self._out(self.loop_gate(q, x, global_out, local_out)), (rk, rv)

@@ -104,6 +104,22 @@ class DecoderLayer(nn.Module):
         )
         return self._mlp_block(h + a), kv
 
+    def prefill_chunk(self, h, cos, sin, *, loop_idx: int, positions, chunk_lengths, layer,
+                      global_kv, ring_kv=None):  # fmt: skip
+        """[B, T, D] -> ([B, T, D], updated cache pair); see `Attention.prefill_chunk`."""
+        a, kv = self.self_attn.prefill_chunk(
+            self.input_layernorm(h),
+            cos,
+            sin,
+            loop_idx=loop_idx,
+            positions=positions,
+            chunk_lengths=chunk_lengths,
+            layer=layer,
+            global_kv=global_kv,
+            ring_kv=ring_kv,
+        )
+        return self._mlp_block(h + a), kv
+
     def init_all_branches(self, h, cos, sin):
         """Runs loop 0 and (if any) a later loop once, so `init` creates every parameter."""
         h0, kv = self(h, cos, sin, loop_idx=0)
@@ -400,3 +416,75 @@ class LoopCoder(nn.Module):
             lengths=cache.lengths + 1,
         )
         return logits, new_cache
+
+    def prefill_chunk(self, token_ids, cache: LoopCache, chunk_lengths=None, *, all_logits=False):
+        """Extends the cache by a chunk of T prompt tokens per row (chunked prefill).
+
+        A prompt fed chunk by chunk from an empty cache (`cache.init_cache`) gives the same
+        logits and cache as one `prefill`, with activations for T tokens at a time. Row b's
+        chunk starts at position cache.lengths[b]; its global queries see the loop-0 cache
+        prefix and the chunk causally, its local queries the previous W tokens (partly in the
+        ring buffer the previous chunk left).
+
+        Args:
+          token_ids: [B, T] int ids, right-padded per row.
+          cache: the cache so far (S must exceed every position written that matters).
+          chunk_lengths: [B] int valid tokens per row (default T); 0 leaves a row unchanged
+            (padding K/V lands past its length, where it is overwritten before being read).
+          all_logits: return logits at every chunk position [B, T, V] (for tests), instead of
+            at each row's last valid token [B, V].
+        Returns:
+          (float32 logits, LoopCache with lengths + chunk_lengths).
+        """
+        cfg = self.config
+        b, t = token_ids.shape
+        if chunk_lengths is None:
+            chunk_lengths = jnp.full((b,), t, jnp.int32)
+        chunk_lengths = chunk_lengths.astype(jnp.int32)
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        h = self.embed_tokens(token_ids)
+        h = nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        layer = self._layer()
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        global_kv = (cache.global_k, cache.global_v)
+        local_k, local_v = [], []
+        for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
+            # The cache rides in the carry as in `decode_step` (each layer writes its slice).
+            def body(carry, xs, loop_idx=loop_idx, global_kv=global_kv):
+                h, kv = carry
+                params, i = xs
+                if loop_idx == 0:
+                    caches = dict(global_kv=kv)
+                else:
+                    caches = dict(global_kv=global_kv, ring_kv=kv)
+                h, kv = layer.apply(
+                    {"params": params}, h, cos, sin, loop_idx=loop_idx, positions=positions,
+                    chunk_lengths=chunk_lengths, layer=i, method=DecoderLayer.prefill_chunk,
+                    **caches,
+                )  # fmt: skip
+                return (h, kv), None
+
+            if loop_idx == 0:
+                carry = (h, global_kv)
+            else:
+                carry = (h, (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1]))
+            carry, _ = jax.lax.scan(body, carry, (self._loop_params(loop_idx), layer_ids))
+            h, kv = carry
+            if loop_idx == 0:
+                global_kv = kv
+            else:
+                local_k.append(kv[0])
+                local_v.append(kv[1])
+        h = self.norm(h)
+        if not all_logits:
+            h = jnp.take_along_axis(h, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)
+        logits = self.logits(h)
+        new_cache = LoopCache(
+            global_k=global_kv[0],
+            global_v=global_kv[1],
+            local_k=jnp.stack(local_k) if local_k else cache.local_k,
+            local_v=jnp.stack(local_v) if local_v else cache.local_v,
+            lengths=cache.lengths + chunk_lengths,
+        )
+        return (logits if all_logits else logits[:, 0]), new_cache

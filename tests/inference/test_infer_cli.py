@@ -68,7 +68,9 @@ def test_prompts_file_to_output_jsonl(ckpt, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out" / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     argv = ["--checkpoint", path, "--prompts-file", str(src), "--output", str(dst)]
-    assert infer.main([*argv, "--max-new-tokens", str(NEW)]) == 0
+    # Continuous batching: 3 prompts through 2 slots, prompts prefilled 16 tokens at a time.
+    extra = ["--batch-size", "2", "--prefill-chunk", "16"]
+    assert infer.main([*argv, "--max-new-tokens", str(NEW), *extra]) == 0
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["id"] for o in out] == ["a", "b", "c"]  # input keys kept, order kept
     assert os.listdir(dst.parent) == ["out.jsonl"]  # no temp file left behind

@@ -1,0 +1,290 @@
+"""Continuous batching: which request is prefilled, inserted and decoded when.
+
+The scheduler owns the host side of a `SlotEngine`: a FIFO of pending requests, the request
+in each slot, and the one being prefilled. One `step()`:
+  1. frees the slots of cancelled requests;
+  2. prefills up to `prefill_chunks` chunks of the request at the head of the queue (a long
+     prompt is spread over several steps, so the running slots keep decoding in between),
+     inserting it into a free slot when its last chunk is done;
+  3. runs one decode call (P steps) for all slots and hands each request its new tokens; a
+     request that generated a stop id or spent its budget frees its slot at once.
+`run_until_idle()` drives the steps in the calling thread (batch jobs: the same sequence of
+programs on every process); `start()` runs them in a background thread (the server).
+
+Per request: prompt ids, max_new_tokens, `Sampling`, seed (row key = key(seed), token s
+sampled with fold_in(key, s): the same request gives the same tokens in any slot, next to any
+neighbours), and optional callbacks `on_tokens(request, new_ids)` / `on_finish(request)`,
+called on the scheduler's thread. Stop ids are shared (DESIGN.md §7); stop *strings* are the
+caller's business (it detokenizes, and cancels the request when one appears).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from loopcoder_jax.generate import GenerationError, Sampling
+from loopcoder_jax.serving.engine import SlotEngine, eos_array
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. Outputs: `tokens` (new ids, ending with the stop id when one stopped it),
+    `finish_reason` ("stop" | "length" | "cancelled" | "error"), `error` (message), `done`."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, vLLM's extension)
+    on_tokens: Callable[[Request, list[int]], None] | None = None
+    on_finish: Callable[[Request], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    timings: dict = dataclasses.field(default_factory=dict)  # submitted/first_token/finished
+
+
+class Scheduler:
+    """Continuous batching over a `SlotEngine` (see the module docstring)."""
+
+    def __init__(
+        self, slots: SlotEngine, eos_ids: Sequence[int] | None = None, *, prefill_chunks: int = 4
+    ):
+        self.slots = slots
+        self.eos = eos_array(slots.engine, eos_ids)
+        self.eos_set = {int(e) for e in self.eos}
+        self.prefill_chunks = max(1, prefill_chunks)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # slot -> request
+        self._free = list(range(slots.slots))[::-1]  # pop() hands out slot 0 first
+        self._prefilling = None  # (request, cache1, offset, logits)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.failed: str | None = None  # set when a device program raised: nothing runs then
+        self.stats = collections.Counter()
+
+    # -------------------------------------------------------------- requests
+    def validate(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raises `GenerationError` (with the numbers) for a request that cannot run."""
+        cfg = self.slots.cfg
+        if not prompt:
+            raise GenerationError("The prompt is empty; give at least one token.")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
+        bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise GenerationError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})."
+            )
+        cap = self.slots.capacity()
+        if len(prompt) + max_new_tokens > cap:
+            raise GenerationError(
+                f"The prompt ({len(prompt)} tokens) + max_tokens ({max_new_tokens}) exceeds the "
+                f"context of {cap} tokens; use max_tokens <= {max(cap - len(prompt), 0)}"
+                + (" or a shorter prompt." if len(prompt) >= cap else ".")
+            )
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (validated first; raises `GenerationError`)."""
+        self.validate(request.prompt, request.max_new_tokens)
+        request.prompt = [int(t) for t in request.prompt]
+        request.timings["submitted"] = time.perf_counter()
+        with self._lock:
+            if self.failed:
+                raise GenerationError(f"The engine has stopped after an error: {self.failed}")
+            self._pending.append(request)
+            self._wake.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request (a disconnected client, a stop string): its slot frees next step."""
+        with self._lock:
+            request.cancelled = True
+            self._wake.notify_all()
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._pending or self._running or self._prefilling)
+
+    def load(self) -> dict:
+        with self._lock:
+            return dict(
+                pending=len(self._pending) + (self._prefilling is not None),
+                running=len(self._running),
+                slots=self.slots.slots,
+            )
+
+    # -------------------------------------------------------------- one step
+    def step(self) -> bool:
+        """One scheduling round; False when there was nothing to do."""
+        worked = self._reap_cancelled()
+        worked |= self._prefill()
+        if self._running:
+            self._decode()
+            worked = True
+        return worked
+
+    def _reap_cancelled(self) -> bool:
+        with self._lock:
+            gone = [r for r in self._pending if r.cancelled]
+            for r in gone:
+                self._pending.remove(r)
+            slots = [s for s, r in self._running.items() if r.cancelled]
+            if self._prefilling is not None and self._prefilling[0].cancelled:
+                gone.append(self._prefilling[0])
+                self._prefilling = None
+        for s in slots:
+            self.slots.release(s)
+            gone.append(self._running.pop(s))
+            self._free.append(s)
+        for r in gone:
+            self.stats["cancelled"] += 1
+            self._finish(r, "cancelled")
+        return bool(gone)
+
+    def _prefill(self) -> bool:
+        budget = self.prefill_chunks
+        worked = False
+        while budget > 0:
+            if self._prefilling is None:
+                with self._lock:
+                    if not self._free or not self._pending:
+                        break
+                    request = self._pending.popleft()
+                self._prefilling = (request, self.slots.new_prefill(), 0, None)
+            request, cache1, offset, logits = self._prefilling
+            part = request.prompt[offset : offset + self.slots.chunk]
+            logits, cache1 = self.slots.prefill_chunk(cache1, part)
+            offset += len(part)
+            budget -= 1
+            worked = True
+            self.stats["prefill_chunks"] += 1
+            self.stats["prompt_tokens"] += len(part)
+            if offset < len(request.prompt):
+                self._prefilling = (request, cache1, offset, logits)
+                continue
+            self._prefilling = None
+            slot = self._free.pop()
+            tok, done = self.slots.insert(
+                cache1,
+                logits,
+                slot,
+                seed=request.seed,
+                sampling=request.sampling,
+                max_new_tokens=request.max_new_tokens,
+                eos_ids=self.eos,
+                ignore_eos=request.ignore_eos,
+            )
+            request.timings["first_token"] = time.perf_counter()
+            self._running[slot] = request
+            self._emit(slot, [tok])
+        return worked
+
+    def _decode(self) -> None:
+        out, emitted = self.slots.decode(self.eos)
+        self.stats["decode_calls"] += 1
+        for slot in list(self._running):
+            new = [int(t) for t in out[slot][emitted[slot]]]
+            if new:
+                self._emit(slot, new)
+
+    def _emit(self, slot: int, new: list[int]) -> None:
+        request = self._running[slot]
+        request.tokens.extend(new)
+        self.stats["new_tokens"] += len(new)
+        if request.on_tokens is not None and not request.cancelled:
+            try:
+                request.on_tokens(request, new)
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the others
+                log.exception("on_tokens of request %d failed; cancelling it", request.id)
+                request.cancelled = True
+        reason = None
+        if request.tokens[-1] in self.eos_set and not request.ignore_eos:
+            reason = "stop"
+        elif len(request.tokens) >= request.max_new_tokens:
+            reason = "length"
+        if reason is not None:  # the device has already made the slot inactive
+            del self._running[slot]
+            self._free.append(slot)
+            self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        request.finish_reason, request.error = reason, error
+        request.timings["finished"] = time.perf_counter()
+        if request.on_finish is not None:
+            try:
+                request.on_finish(request)
+            except Exception:  # noqa: BLE001
+                log.exception("on_finish of request %d failed", request.id)
+        request.done.set()
+
+    # -------------------------------------------------------------- drivers
+    def run_until_idle(self) -> None:
+        """Steps in this thread until no request is pending or running."""
+        while self.busy():
+            self.step()
+
+    def generate(self, requests: Sequence[Request]) -> list[Request]:
+        """Runs a batch job to completion (every request validated before any work)."""
+        for r in requests:
+            self.validate(r.prompt, r.max_new_tokens)
+        for r in requests:
+            self.submit(r)
+        self.run_until_idle()
+        return list(requests)
+
+    def start(self) -> None:
+        """Runs the steps in a background thread until `stop()`."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="loopcoder-scheduler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.busy():
+                    self._wake.wait(timeout=1.0)
+                if self._stopping and not self.busy():
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - fail every request rather than hang them
+                log.exception("scheduler step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+                return
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            self.failed = message
+            victims = list(self._pending) + list(self._running.values())
+            if self._prefilling is not None:
+                victims.append(self._prefilling[0])
+            self._pending.clear()
+            self._running.clear()
+            self._prefilling = None
+        for r in victims:
+            self._finish(r, "error", message)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Lets the running and pending requests finish, then ends the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
