@@ -478,6 +478,10 @@ class DataConfig:
     read_threads: threads reading + tokenizing ahead of the consumer (in each process).
     startup_check_records: records read from the start of each source file before training to
       catch a wrong path, field name or format at once instead of mid-run.
+    eval_sources: held-out evaluation files (same formats as `sources`), never trained on.
+    eval_fraction: instead of eval_sources, hold out this fraction of the training records
+      (chosen by a fixed hash of the record index: the same records for every seed and process
+      count) and evaluate on them; they are removed from the training stream. 0 = none.
     """
 
     sources: tuple[str, ...] = ()
@@ -495,12 +499,26 @@ class DataConfig:
     worker_count: int = 0
     read_threads: int = 2
     startup_check_records: int = 1000
+    eval_sources: tuple[str, ...] = ()
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.sources, str):
-            object.__setattr__(self, "sources", (self.sources,))
-        elif not isinstance(self.sources, tuple):
-            object.__setattr__(self, "sources", tuple(self.sources))
+        for name in ("sources", "eval_sources"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        if not 0.0 <= float(self.eval_fraction) < 1.0:
+            raise ConfigError(
+                f"data.eval_fraction={self.eval_fraction} must lie in [0, 1) (e.g. 0.05 holds out "
+                "5% of the training records for evaluation)."
+            )
+        if self.eval_fraction and self.eval_sources:
+            raise ConfigError(
+                "Both data.eval_sources and data.eval_fraction are set; evaluate on files "
+                "(eval_sources) or on held-out training records (eval_fraction), not both."
+            )
         if self.record_format not in ("auto", "text", "chat"):
             raise ConfigError(
                 f"data.record_format={self.record_format!r}; choose 'auto', 'text' or 'chat'."
@@ -573,6 +591,10 @@ class TrainConfig:
     checkpoint_every: save every N steps (and at the end); keep_checkpoints: keep the last K.
     data_shards: slices the global batch is read in (one grain iterator each); 0 = one per
     process. Fixing it makes the data stream independent of the number of processes.
+    eval_every: evaluate the held-out loss every N steps and at the last step, when there is
+    eval data (data.eval_sources / data.eval_fraction); 0 = only at the last step.
+    eval_batches: batches per evaluation, each batch_size / grad_accum rows (one micro-batch):
+    the first ones of the eval set, the same at every evaluation.
     """
 
     steps: int = 200
@@ -600,10 +622,17 @@ class TrainConfig:
     log_every: int = 10
     nan_policy: str = "stop"
     data_shards: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
 
     def __post_init__(self):
         if self.data_shards < 0:
             raise ConfigError(f"train.data_shards must be >= 0, got {self.data_shards}.")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(
+                f"train.eval_every={self.eval_every} must be >= 0 (0 = only at the end) and "
+                f"train.eval_batches={self.eval_batches} >= 1."
+            )
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "loss_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

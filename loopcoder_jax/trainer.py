@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from loopcoder_jax import checkpoint as ckpt
-from loopcoder_jax import flops
+from loopcoder_jax import eval_loop, flops
 from loopcoder_jax import sharding as sh
 from loopcoder_jax import training as tr
 from loopcoder_jax.config import ConfigError, ExperimentConfig, ModelConfig
@@ -55,6 +55,7 @@ class RunSummary:
     checkpoint: str | None  # latest committed checkpoint step dir
     preempted: bool = False
     losses: list[float] = dataclasses.field(default_factory=list)
+    eval: eval_loop.EvalResult | None = None  # the last held-out evaluation of this invocation
 
     def line(self) -> str:
         loss = (
@@ -64,9 +65,13 @@ class RunSummary:
         )
         tps = f"{self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "tokens/s n/a"
         why = " (preempted: SIGTERM)" if self.preempted else ""
+        ev = self.eval
+        held_out = (
+            f", eval loss {ev.loss:.4f} (ppl {ev.ppl:.2f}, step {ev.step})" if ev else ""
+        )
         return (
-            f"[train] done{why}: steps {self.first_step}..{self.last_step}, {loss}, {tps}, "
-            f"checkpoint {self.checkpoint}"
+            f"[train] done{why}: steps {self.first_step}..{self.last_step}, {loss}{held_out}, "
+            f"{tps}, checkpoint {self.checkpoint}"
         )
 
 
@@ -143,7 +148,8 @@ class MetricsLog:
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+                    tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                    self.writer.add_scalar(tag, v, record["step"])
 
     def close(self) -> None:
         if not self.enabled:
@@ -279,6 +285,7 @@ def run(
     tr.validate(model, mesh, rules, tc)  # bad mesh/batch: a clear error before compiling
     run_dir = prepare_run_dir(exp, tokenizer.path)
     batches = ShardedBatches(exp, tokenizer)
+    evaluator = eval_loop.Evaluator(exp, tokenizer, model, mesh, rules, log=_log)
 
     checkpointer = ckpt.TrainCheckpointer(
         run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing
@@ -319,7 +326,7 @@ def run(
     stop = _StopFlag().install()
     bar = None
     if progress and _is_main():
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # a widget in notebooks (Colab), a text bar elsewhere
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     losses, rates = [], []
@@ -357,6 +364,8 @@ def run(
                 record["z_loss"] = m["z_loss"]
             if m["skipped"]:
                 record["skipped"] = True
+            if evaluator.due(step):
+                record.update(evaluator(state.params, step).record())
             metrics_log.write(record)
             losses.append(m["loss"])
             if step > start + 1:
@@ -393,6 +402,7 @@ def run(
         checkpoint=checkpointer.step_dir(last_saved) if last_saved else None,
         preempted=preempted,
         losses=losses,
+        eval=evaluator.last,
     )
     _log(summary.line())
     return summary
