@@ -9,6 +9,7 @@ attention kernel, rematerialisation, scan vs unrolled layers) lives in `RuntimeC
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import os
@@ -394,13 +395,22 @@ def _coerce(value: str, like: Any) -> Any:
     return parsed
 
 
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """" (did you mean 'train.lr'?)" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def build_dataclass(cls, section: Mapping[str, Any] | None, where: str):
     """Instantiates dataclass `cls` from a mapping, rejecting unknown keys by name."""
     section = dict(section or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - names)
     if unknown:
-        raise ConfigError(f"Unknown keys {unknown} in section '{where}'; valid: {sorted(names)}.")
+        hint = did_you_mean(unknown[0], names, f"{where}.")
+        raise ConfigError(
+            f"Unknown keys {unknown} in section '{where}'{hint}; valid: {sorted(names)}."
+        )
     for k, v in section.items():
         if isinstance(v, list):
             section[k] = tuple(v)
@@ -413,7 +423,8 @@ def apply_overrides(obj, overrides: Mapping[str, str], where: str):
     names = {f.name for f in dataclasses.fields(obj)}
     for key, raw in overrides.items():
         if key not in names:
-            raise ConfigError(f"Unknown key '{where}.{key}'; valid: {sorted(names)}.")
+            hint = did_you_mean(key, names, f"{where}.")
+            raise ConfigError(f"Unknown key '{where}.{key}'{hint}; valid: {sorted(names)}.")
         try:
             changes[key] = _coerce(raw, getattr(obj, key))
         except (ConfigError, ValueError) as e:
@@ -676,14 +687,20 @@ class ExperimentConfig:
         raw = dict(raw or {})
         unknown = sorted(set(raw) - set(cls.SECTIONS))
         if unknown:
-            raise ConfigError(f"Unknown sections {unknown}; valid: {list(cls.SECTIONS)}.")
+            hint = did_you_mean(unknown[0], cls.SECTIONS)
+            raise ConfigError(f"Unknown sections {unknown}{hint}; valid: {list(cls.SECTIONS)}.")
         per_section: dict[str, dict[str, str]] = {s: {} for s in cls.SECTIONS}
         for key, value in (overrides or {}).items():
             section, _, name = key.partition(".")
-            if section not in per_section or not name:
+            if not name:
                 raise ConfigError(
                     f"Override {key!r} must look like 'section.key=value' with section in "
                     f"{list(cls.SECTIONS)}."
+                )
+            if section not in per_section:
+                raise ConfigError(
+                    f"Unknown section '{section}' in override '{key}': the section is wrong"
+                    f"{did_you_mean(section, cls.SECTIONS)}; sections: {list(cls.SECTIONS)}."
                 )
             per_section[section][name] = value
         model_section = dict(raw.get("model") or {"preset": "tiny"})

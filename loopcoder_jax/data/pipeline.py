@@ -738,21 +738,43 @@ def describe_batch(batch: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def build_parser():
+    """The `python -m loopcoder_jax.data.pipeline` command line (options show their defaults)."""
+    import argparse
+
+    from loopcoder_jax.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.data.pipeline",
+        description="Check a data set before training: startup checks, batch fill statistics, "
+        "decoded rows, malformed-record counts (docs/data.md).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--sources", nargs="*", default=[],
+        help="JSONL / ArrayRecord paths or globs (default: the shipped corpus)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model path (default: the shipped one)"
+    )
+    parser.add_argument(
+        "--record-format", default="auto", choices=["auto", "text", "chat"],
+        help="record kind (auto: chat when the record has 'messages')",
+    )  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    parser.add_argument("--batches", type=int, default=2, help="batches to read")
+    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m loopcoder_jax.data.pipeline --sources FILES`: check data and show batches."""
-    import argparse
     import sys
 
     from loopcoder_jax.data.tokenizer import load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.pipeline")
-    parser.add_argument("--sources", nargs="*", default=[], help="default: the shipped corpus")
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--record-format", default="auto", choices=["auto", "text", "chat"])
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = DataConfig(
