@@ -37,6 +37,12 @@ BUDGETS: dict[str, dict[str, int]] = {
 # config and seed (`data.pipeline.held_out_indices`), never trained on.
 EVAL_FRACTION = 0.05
 
+# One config per question the ablations answer (does looping / the window / the gate / folding
+# help?) plus the reference: the notebook's default set (`--configs core`).
+CORE_CONFIGS = (
+    "loop2", "loop1_dense", "window16", "gate_fixed", "dense_4layer", "folded_init",
+)  # fmt: skip
+
 # The configs the folded init depends on (trained first, then folded; see folded_init.yaml).
 FOLD_SOURCE = "dense_4layer"
 FOLDED = "folded_init"
@@ -477,7 +483,8 @@ def build_parser():
         help="run size of every config: tiny (CI smoke), cpu (dev box), accelerator (GPU/TPU)",
     )  # fmt: skip
     p.add_argument(
-        "--configs", default="all", help="comma-separated config names, or 'all'"
+        "--configs", default="all",
+        help="comma-separated config names, 'core' (CORE_CONFIGS) or 'all'",
     )
     p.add_argument(
         "--config-dir", default=None,
@@ -514,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = list(ablation_configs(args.config_dir))
     except FileNotFoundError as e:
         p.exit(2, f"error: {e}\n")
-    if args.configs != "all":
+    if args.configs == "core":
+        names = list(CORE_CONFIGS)
+    elif args.configs != "all":
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
     extra = {}
     for item in args.set:
