@@ -662,8 +662,9 @@ def _make_iterator(
     start, stop = n * process_index // process_count, n * (process_index + 1) // process_count
     if stop == start:
         raise DataError(
-            f"process {process_index} of {process_count} gets no {split} records: the sources "
-            f"hold only {n}. Add data or use fewer processes."
+            f"process {process_index} of {process_count} gets no "
+            f"{'records' if split == 'train' else 'eval records'}: the sources hold only {n}. "
+            "Add data or use fewer processes."
         )
     ds = grain.MapDataset.source(records)[start:stop]
     data_seed = data_cfg.seed if data_cfg.seed is not None else seed
