@@ -139,6 +139,7 @@ def resolve_sources(patterns: Sequence[str], key: str = "data.sources") -> list[
     """
     if not patterns:
         return [shipped_corpus_path()]
+    empty_hint = " (or leave it empty for the shipped corpus)." if key == "data.sources" else "."
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
@@ -152,8 +153,7 @@ def resolve_sources(patterns: Sequence[str], key: str = "data.sources") -> list[
             if not os.path.isfile(path):
                 raise DataError(
                     f"data source {path} does not exist or is not a file. Fix {key} in "
-                    "the `data:` section"
-                    + (" (or leave it empty for the shipped corpus)." if key == "data.sources" else ".")
+                    f"the `data:` section{empty_hint}"
                 )
             if not path.endswith(JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES):
                 raise DataError(
@@ -683,8 +683,8 @@ def _make_iterator(
     # seq_len or batch size: a position is a record + token offset, valid for any row shape.)
     stream_id = (
         f"records={len(source)} shard={start}:{stop} "
-        f"seed={data_seed if data_cfg.shuffle else 'none'} epochs={data_cfg.num_epochs} fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}"
-        + held_out
+        f"seed={data_seed if data_cfg.shuffle else 'none'} epochs={data_cfg.num_epochs} "
+        f"fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}{held_out}"
     )
     it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long, stream_id)
     it_ds = it_ds.batch(batch_size, drop_remainder=split == "train")
