@@ -106,8 +106,11 @@ if SOURCE_DIR is None:
     if LOCAL_SOURCE and os.path.isfile(LOCAL_SOURCE):  # an uploaded .zip
         with zipfile.ZipFile(LOCAL_SOURCE) as z:
             z.extractall("loopcoder-jax-src")
-        SOURCE_DIR = find_checkout(glob.glob("loopcoder-jax-src/**/configs/ablations",
-                                             recursive=True)[0])
+        found = glob.glob("loopcoder-jax-src/**/configs/ablations", recursive=True)
+        if not found:
+            raise SetupError(f"The zip {LOCAL_SOURCE} holds no configs/ablations: upload a zip "
+                             "of the whole project (GitHub: Code > Download ZIP).")
+        SOURCE_DIR = find_checkout(found[0])
     elif LOCAL_SOURCE:
         SOURCE_DIR = find_checkout(LOCAL_SOURCE)
     else:
