@@ -76,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = "(default: greedy; with --chat the model card's {})"
     p.add_argument("--temperature", type=float, help=f"sampling temperature {sampling.format(0.6)}")
     p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens {sampling.format(20)}")
-    p.add_argument(
-        "--top-p", type=float, help=f"nucleus sampling mass {sampling.format(0.85)}"
-    )
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass {sampling.format(0.85)}")
     p.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (prompts-file)")
     p.add_argument(

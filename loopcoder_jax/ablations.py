@@ -483,7 +483,8 @@ def build_parser():
         help="run size of every config: tiny (CI smoke), cpu (dev box), accelerator (GPU/TPU)",
     )  # fmt: skip
     p.add_argument(
-        "--configs", default="all",
+        "--configs",
+        default="all",
         help="comma-separated config names, 'core' (CORE_CONFIGS) or 'all'",
     )
     p.add_argument(

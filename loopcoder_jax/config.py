@@ -396,7 +396,7 @@ def _coerce(value: str, like: Any) -> Any:
 
 
 def did_you_mean(name: str, choices, prefix: str = "") -> str:
-    """" (did you mean 'train.lr'?)" for the closest of `choices`, or "" when none is close."""
+    """ " (did you mean 'train.lr'?)" for the closest of `choices`, or "" when none is close."""
     close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 

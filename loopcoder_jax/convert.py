@@ -930,7 +930,6 @@ def build_parser():
     return p
 
 
-
 def main(argv=None) -> int:
     """Console entry point (`loopcoder-convert`, `python -m loopcoder_jax.convert`)."""
     import json

@@ -66,9 +66,7 @@ class RunSummary:
         tps = f"{self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "tokens/s n/a"
         why = " (preempted: SIGTERM)" if self.preempted else ""
         ev = self.eval
-        held_out = (
-            f", eval loss {ev.loss:.4f} (ppl {ev.ppl:.2f}, step {ev.step})" if ev else ""
-        )
+        held_out = f", eval loss {ev.loss:.4f} (ppl {ev.ppl:.2f}, step {ev.step})" if ev else ""
         return (
             f"[train] done{why}: steps {self.first_step}..{self.last_step}, {loss}{held_out}, "
             f"{tps}, checkpoint {self.checkpoint}"

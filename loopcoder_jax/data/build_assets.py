@@ -382,9 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Regenerate the shipped corpus, chat sample and tokenizer (deterministic).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "--output-dir", default=default_dir, help="where the assets are written"
-    )
+    parser.add_argument("--output-dir", default=default_dir, help="where the assets are written")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     return parser
 

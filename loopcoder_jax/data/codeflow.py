@@ -810,32 +810,81 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", default=",".join(d.kinds), help=f"comma-separated subset of {','.join(KINDS)}"
     )
     arg = p.add_argument
-    arg("--transitions-per-repo", type=int, default=d.transitions_per_repo,
-        help="start commits sampled (without replacement) per repository")
-    arg("--start-range", type=float, nargs=2, default=d.start_range, metavar=("LO", "HI"),
-        help="fraction of the first-parent history the start commits are drawn from")
-    arg("--min-span", type=int, default=d.min_span,
-        help="shortest forward search from a start commit, in first-parent commits")
-    arg("--max-span", type=int, default=d.max_span,
-        help="longest forward search from a start commit, in first-parent commits")
-    arg("--max-files-per-transition", type=int, default=d.max_files_per_transition,
-        help="a transition changes at most this many eligible files")
-    arg("--file-fim-per-repo", type=int, default=d.file_fim_per_repo,
-        help="file-level FIM documents per repository (0 = none)")
-    arg("--repo-fim-per-repo", type=int, default=d.repo_fim_per_repo,
-        help="repo-level FIM documents per repository (0 = none)")
-    arg("--repo-context-files", type=int, default=d.repo_context_files,
-        help="other files put before the target of a repo-level FIM document")
-    arg("--line-fim-rate", type=float, default=d.line_fim_rate,
-        help="probability that a FIM split takes whole lines instead of a character span")
-    arg("--max-fim-lines", type=int, default=d.max_fim_lines,
-        help="the longest middle of a line-level FIM split, in lines")
-    arg("--max-file-bytes", type=int, default=d.max_file_bytes,
-        help="larger files are skipped")
-    arg("--max-line-chars", type=int, default=d.max_line_chars,
-        help="files with a longer line are skipped (minified or data, not code)")
-    arg("--max-doc-chars", type=int, default=d.max_doc_chars,
-        help="longer documents are not emitted (transitions try a nearer end)")
+    arg(
+        "--transitions-per-repo",
+        type=int,
+        default=d.transitions_per_repo,
+        help="start commits sampled (without replacement) per repository",
+    )
+    arg(
+        "--start-range",
+        type=float,
+        nargs=2,
+        default=d.start_range,
+        metavar=("LO", "HI"),
+        help="fraction of the first-parent history the start commits are drawn from",
+    )
+    arg(
+        "--min-span",
+        type=int,
+        default=d.min_span,
+        help="shortest forward search from a start commit, in first-parent commits",
+    )
+    arg(
+        "--max-span",
+        type=int,
+        default=d.max_span,
+        help="longest forward search from a start commit, in first-parent commits",
+    )
+    arg(
+        "--max-files-per-transition",
+        type=int,
+        default=d.max_files_per_transition,
+        help="a transition changes at most this many eligible files",
+    )
+    arg(
+        "--file-fim-per-repo",
+        type=int,
+        default=d.file_fim_per_repo,
+        help="file-level FIM documents per repository (0 = none)",
+    )
+    arg(
+        "--repo-fim-per-repo",
+        type=int,
+        default=d.repo_fim_per_repo,
+        help="repo-level FIM documents per repository (0 = none)",
+    )
+    arg(
+        "--repo-context-files",
+        type=int,
+        default=d.repo_context_files,
+        help="other files put before the target of a repo-level FIM document",
+    )
+    arg(
+        "--line-fim-rate",
+        type=float,
+        default=d.line_fim_rate,
+        help="probability that a FIM split takes whole lines instead of a character span",
+    )
+    arg(
+        "--max-fim-lines",
+        type=int,
+        default=d.max_fim_lines,
+        help="the longest middle of a line-level FIM split, in lines",
+    )
+    arg("--max-file-bytes", type=int, default=d.max_file_bytes, help="larger files are skipped")
+    arg(
+        "--max-line-chars",
+        type=int,
+        default=d.max_line_chars,
+        help="files with a longer line are skipped (minified or data, not code)",
+    )
+    arg(
+        "--max-doc-chars",
+        type=int,
+        default=d.max_doc_chars,
+        help="longer documents are not emitted (transitions try a nearer end)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p  # fmt: skip
 

@@ -386,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-special-tokens", nargs="*", default=[],
         help="more user-defined special tokens, after the built-in ones",
     )  # fmt: skip
-    t.add_argument(
-        "--num-threads", type=int, default=1, help="trainer threads (1 = deterministic)"
-    )
+    t.add_argument("--num-threads", type=int, default=1, help="trainer threads (1 = deterministic)")
     t.add_argument("--max-documents", type=int, default=0, help="sample this many (0 = all)")
     e = sub.add_parser(
         "encode", help="show how a model tokenizes a text", formatter_class=HelpFormatter

@@ -11,7 +11,6 @@ import pytest
 
 from loopcoder_jax import eval_loop
 from loopcoder_jax import sharding as sh
-from loopcoder_jax import training as tr
 from loopcoder_jax.config import ExperimentConfig
 from loopcoder_jax.data.tokenizer import load_tokenizer
 from loopcoder_jax.model import LoopCoder
