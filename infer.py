@@ -41,10 +41,12 @@ class InferError(RuntimeError):
     """A user-facing error: printed without a traceback."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    from loopcoder_jax.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         description="Generate with a LoopCoder checkpoint.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     src = p.add_mutually_exclusive_group()
@@ -52,7 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--checkpoint",
         help=f"params checkpoint or training run dir (default: {DEFAULT_RUN})",
     )
-    src.add_argument("--hf", help="Hugging Face checkpoint dir (safetensors), converted on the fly")
+    src.add_argument(
+        "--hf",
+        help="Hugging Face checkpoint dir (safetensors), converted on the fly (default: use "
+        "--checkpoint)",
+    )
     p.add_argument(
         "--tokenizer",
         help="SentencePiece tokenizer.model, or a directory holding it with its Hugging Face "
@@ -60,20 +66,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    inp.add_argument("--prompts-file", help="JSONL with {'prompt': ...} or {'messages': [...]}")
-    p.add_argument("--output", help="JSONL to write completions to (with --prompts-file)")
+    inp.add_argument(
+        "--prompts-file",
+        help="JSONL with {'prompt': ...} or {'messages': [...]} per line (default: one --prompt)",
+    )
+    p.add_argument(
+        "--output",
+        help="JSONL to write completions to; needed with --prompts-file (default: none, stdout)",
+    )
     p.add_argument(
         "--chat",
         action="store_true",
         help="apply the chat template (the checkpoint's own when it ships one, else ChatML)",
     )
-    p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--system", help="system message for --chat (default: none)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most"
+    )
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    sampling = "(default: greedy; with --chat the model card's {})"
+    p.add_argument("--temperature", type=float, help=f"sampling temperature {sampling.format(0.6)}")
+    p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens {sampling.format(20)}")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass {sampling.format(0.85)}")
+    p.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
     p.add_argument(
         "--batch-size", type=int, default=8, help="decode slots (prompts at once; prompts-file)"
     )
@@ -86,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="mesh axis sizes, e.g. data=2,fsdp=1,tensor=4 (-1 = the rest; default: 1 device)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="compute/param dtype (default: the checkpoint's stored dtype)",
+    )
     p.add_argument(
         "--unroll-layers",
         action="store_true",
@@ -96,9 +115,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt")
     dist = p.add_argument_group("multi-process (a multi-host TPU slice, or CPU processes)")
     dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
-    dist.add_argument("--coordinator", help="HOST:PORT of process 0")
-    dist.add_argument("--num-processes", type=int)
-    dist.add_argument("--process-id", type=int)
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0 (default: single process)")
+    dist.add_argument(
+        "--num-processes", type=int, help="processes, with --coordinator (default: single process)"
+    )
+    dist.add_argument(
+        "--process-id", type=int, help="this process's index, with --coordinator (default: 0)"
+    )
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.output and not args.prompts_file:
         p.error("--output needs --prompts-file")

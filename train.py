@@ -17,8 +17,10 @@ import sys
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from loopcoder_jax.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
     p.add_argument(
         "--set",
@@ -26,24 +28,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set train.lr=1e-3 --set model.loop_num=1",
+        help="override one config value, e.g. --set train.lr=1e-3 --set model.loop_num=1 "
+        "(repeatable)",
     )
-    p.add_argument("--run-dir", default=None, help="shorthand for --set train.run_dir=DIR")
-    p.add_argument("--steps", type=int, default=None, help="shorthand for --set train.steps=N")
     p.add_argument(
-        "--init-from", default=None, help="params checkpoint (converter output or a run dir)"
-    )
+        "--run-dir", default=None,
+        help="shorthand for --set train.run_dir=DIR (default: the config's, runs/tiny)",
+    )  # fmt: skip
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="shorthand for --set train.steps=N (default: the config's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--init-from", default=None,
+        help="params checkpoint to start from: converter output or a run dir (default: random "
+        "init)",
+    )  # fmt: skip
     p.add_argument(
         "--stop-at", type=int, default=None, metavar="STEP",
-        help="checkpoint and exit once this step is reached (resume later with the same config)",
+        help="checkpoint and exit once this step is reached; resume later with the same config "
+        "(default: run to train.steps)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     dist = p.add_argument_group("multi-process")
-    dist.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
-    dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    dist.add_argument("--num-processes", type=int, default=None)
-    dist.add_argument("--process-id", type=int, default=None)
-    return p.parse_args(argv)
+    dist.add_argument(
+        "--distributed", action="store_true",
+        help="jax.distributed.initialize() with discovery (TPU pod slices)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (default: single process)"
+    )
+    dist.add_argument(
+        "--num-processes", type=int, default=None,
+        help="processes in the job, with --coordinator (default: single process)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--process-id", type=int, default=None,
+        help="this process's index, with --coordinator (default: single process)",
+    )  # fmt: skip
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _overrides(args) -> dict[str, str]:

@@ -16,12 +16,32 @@ from collections.abc import Mapping, Sequence
 
 # Run-size presets: train-section overrides applied on top of every ablation YAML.
 # "tiny" is the CI budget (seconds per config on 2 CPU cores); "cpu" the dev-box write-up run;
-# "accelerator" a Colab GPU/TPU runtime (minutes per config).
+# "accelerator" a Colab GPU/TPU runtime (minutes per config). eval_every / eval_batches: the
+# held-out evaluation (EVAL_FRACTION of the records, or --set data.eval_sources=[...]).
 BUDGETS: dict[str, dict[str, int]] = {
-    "tiny": {"steps": 3, "batch_size": 2, "seq_len": 64, "warmup_steps": 1},
-    "cpu": {"steps": 100, "batch_size": 8, "seq_len": 128, "warmup_steps": 10},
-    "accelerator": {"steps": 1000, "batch_size": 32, "seq_len": 256, "warmup_steps": 50},
-}
+    "tiny": {
+        "steps": 3, "batch_size": 2, "seq_len": 64, "warmup_steps": 1,
+        "eval_every": 1, "eval_batches": 1,
+    },
+    "cpu": {
+        "steps": 100, "batch_size": 8, "seq_len": 128, "warmup_steps": 10,
+        "eval_every": 10, "eval_batches": 4,
+    },
+    "accelerator": {
+        "steps": 1000, "batch_size": 32, "seq_len": 256, "warmup_steps": 50,
+        "eval_every": 50, "eval_batches": 8,
+    },
+}  # fmt: skip
+
+# Records held out for evaluation when no eval files are given: the same records for every
+# config and seed (`data.pipeline.held_out_indices`), never trained on.
+EVAL_FRACTION = 0.05
+
+# One config per question the ablations answer (does looping / the window / the gate / folding
+# help?) plus the reference: the notebook's default set (`--configs core`).
+CORE_CONFIGS = (
+    "loop2", "loop1_dense", "window16", "gate_fixed", "dense_4layer", "folded_init",
+)  # fmt: skip
 
 # The configs the folded init depends on (trained first, then folded; see folded_init.yaml).
 FOLD_SOURCE = "dense_4layer"
@@ -59,6 +79,7 @@ def budget_overrides(budget: str, run_root: str | None = None, name: str = "") -
     out = {f"train.{k}": str(v) for k, v in train.items()}
     out["train.checkpoint_every"] = str(train["steps"])
     out["train.log_every"] = "1"
+    out["data.eval_fraction"] = str(EVAL_FRACTION)
     if run_root is not None:
         out["train.run_dir"] = os.path.join(run_root, name)
     return out
@@ -75,12 +96,35 @@ class AblationResult:
     seconds_per_step: float  # median step time, step 1 (compilation) excluded
     tokens_per_step: int
     param_change: float = math.nan  # global L2 norm of (final params - initial params)
+    eval_steps: list[int] = dataclasses.field(default_factory=list)  # steps evaluated at
+    eval_losses: list[float] = dataclasses.field(default_factory=list)  # held-out loss there
+    flops_per_step: int = 0  # training FLOPs of one step (flops.train_flops)
 
     @property
     def final_loss(self) -> float:
-        """Mean loss of the last 10% of steps (at least one): less noisy than the last step."""
+        """Mean TRAIN loss of the last 10% of steps (at least one): less noisy than the last."""
         k = max(1, len(self.losses) // 10)
         return float(sum(self.losses[-k:]) / k)
+
+    @property
+    def final_eval_loss(self) -> float:
+        """Held-out loss after the last step (all configs of a budget: the same tokens)."""
+        if not self.eval_steps or self.eval_steps[-1] != self.steps[-1]:
+            return math.nan
+        return self.eval_losses[-1]
+
+    def eval_loss_at_flops(self, budget: float) -> float:
+        """Held-out loss after `budget` training FLOPs, linear between evaluations; NaN outside.
+
+        Loop models spend loop_num times the layer FLOPs per token, so at equal FLOPs they
+        have seen fewer tokens than the dense model.
+        """
+        pairs = zip(self.eval_steps, self.eval_losses, strict=True)
+        pts = [(s * self.flops_per_step, v) for s, v in pairs]
+        for (f0, v0), (f1, v1) in zip(pts, pts[1:], strict=False):
+            if f0 <= budget <= f1:
+                return v0 + (v1 - v0) * (budget - f0) / (f1 - f0)
+        return next((v for f, v in pts if math.isclose(f, budget)), math.nan)
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -94,55 +138,95 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def smoothing_window(num_steps: int) -> int:
+    """Steps in the trailing average of the train-loss curve: ~1/15 of the run, at least 1."""
+    return max(1, num_steps // 15)
+
+
+def smoothing_label(window: int, tokens_per_step: int) -> str:
+    """What the smoothing of a curve is, in words that hold at any budget."""
+    if window <= 1:
+        return "raw, one point per step"
+    return f"trailing mean of {window} steps = {window * tokens_per_step:,} tokens"
+
+
+def equal_flops_budget(results: Sequence[AblationResult]) -> float:
+    """The FLOPs every run reached: the smallest total training FLOPs among them."""
+    totals = [r.steps[-1] * r.flops_per_step for r in results if r.steps and r.flops_per_step]
+    return float(min(totals)) if totals else math.nan
+
+
 def plot_curves(
     results: Sequence[AblationResult],
     path: str | os.PathLike,
     title: str = "",
     baseline: str = "loop2",
 ) -> str:
-    """Loss curves into one PNG; returns the path.
+    """One panel per metric, in one PNG; returns the path.
 
-    Left: every run (smoothed, solid; raw, faint). Right (when `baseline` is among the
-    results): each run's smoothed loss minus the baseline's at the same step, where the small
-    effects are visible.
+    1. training loss against training tokens (smoothed; raw, faint);
+    2. held-out loss against training tokens (equal tokens = same x);
+    3. held-out loss against training FLOPs (a loop model pays loop_num x per token), with the
+       equal-FLOPs budget of the table marked.
+    Token axes have integer ticks. `baseline` is drawn thicker.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    base = next((r for r in results if r.name == baseline), None)
-    ncols = 2 if base is not None and len(results) > 1 else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(8 * ncols, 5.5), squeeze=False)
+    has_eval = any(r.eval_steps for r in results)
+    ncols = 3 if has_eval else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 5.5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
     styles = ("-", "--", "-.", ":")
-    window = max(1, max((len(r.losses) for r in results), default=1) // 15)
-    smoothed = {r.name: smooth(r.losses, window) for r in results}
+    window = smoothing_window(max((len(r.losses) for r in results), default=1))
+    tps = {r.tokens_per_step for r in results}
+    label = (
+        smoothing_label(window, tps.pop()) if len(tps) == 1 else f"trailing mean of {window} steps"
+    )
+
+    def style(i, r):
+        wide = 2.6 if r.name == baseline else 1.5
+        return dict(color=colors[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[i % 4], lw=wide)
+
+    def token_axis(ax):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(round(x)):,}"))
+        ax.set_xlabel("training tokens")
+
     ax = axes[0, 0]
     for i, r in enumerate(results):
-        style = dict(color=colors[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[i % 4])
-        ax.plot(r.steps, smoothed[r.name], label=r.name, linewidth=1.6, **style)
-        ax.plot(r.steps, r.losses, alpha=0.15, linewidth=0.8, color=style["color"])
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"train loss (moving average over {window} steps)")
-    ax.set_title(title or "LoopCoder ablations", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    if ncols == 2:
-        ax = axes[0, 1]
-        ref = dict(zip(base.steps, smoothed[baseline], strict=True))
-        for i, r in enumerate(results):
-            style = dict(color=colors[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[i % 4])
-            pts = [
-                (s, v - ref[s]) for s, v in zip(r.steps, smoothed[r.name], strict=True) if s in ref
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=r.name, linewidth=1.4, **style)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"smoothed loss minus {baseline} (lower is better)")
-        ax.set_title(f"difference to {baseline}", fontsize=10)
+        tokens = [s * r.tokens_per_step for s in r.steps]
+        ax.plot(tokens, smooth(r.losses, window), label=r.name, **style(i, r))
+        if window > 1:
+            ax.plot(tokens, r.losses, alpha=0.15, linewidth=0.8, color=style(i, r)["color"])
+    token_axis(ax)
+    ax.set_ylabel("training loss")
+    ax.set_title(f"training loss ({label})", fontsize=10)
+    if has_eval:
+        budget = equal_flops_budget(results)
+        for col, (xname, per_step) in enumerate(
+            (("tokens", "tokens_per_step"), ("FLOPs", "flops_per_step")), start=1
+        ):
+            ax = axes[0, col]
+            for i, r in enumerate(results):
+                xs = [s * getattr(r, per_step) for s in r.eval_steps]
+                ax.plot(xs, r.eval_losses, marker="o", markersize=3, label=r.name, **style(i, r))
+            ax.set_ylabel("held-out loss")
+            if xname == "tokens":
+                token_axis(ax)
+                ax.set_title("held-out loss at equal tokens (no smoothing)", fontsize=10)
+            else:
+                ax.set_xlabel("training FLOPs (analytic, flops.train_flops)")
+                if math.isfinite(budget):
+                    ax.axvline(budget, color="black", linewidth=0.8, linestyle=":")
+                ax.set_title("held-out loss at equal FLOPs (dotted: table budget)", fontsize=10)
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8, ncol=2)
+    fig.suptitle(title or "LoopCoder ablations", fontsize=11)
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -156,20 +240,47 @@ def plot_curves(
 def results_table(
     results: Sequence[AblationResult], baseline: str = "loop2", notes: Mapping[str, str] = ()
 ) -> str:
-    """Markdown table: params, steps, final loss, delta vs the baseline, time."""
+    """Markdown table: held-out loss at equal tokens and at equal FLOPs, deltas vs `baseline`.
+
+    Equal tokens: after the last step (every config of a budget trains the same tokens).
+    Equal FLOPs: at the smallest total training FLOPs among the runs, interpolated between
+    evaluations (`AblationResult.eval_loss_at_flops`). Train loss = mean of the last 10% of steps.
+    """
     notes = dict(notes)
-    base = next((r.final_loss for r in results if r.name == baseline), None)
+    budget = equal_flops_budget(results)
+    base = next((r for r in results if r.name == baseline), None)
+
+    def delta(value, ref):
+        if base is None or not (math.isfinite(value) and math.isfinite(ref)):
+            return ""
+        return f"{value - ref:+.3f}"
+
+    def fmt(value):
+        return f"{value:.3f}" if math.isfinite(value) else "n/a"
+
     rows = [
-        "| config | params | steps | first loss | final loss | vs " + baseline + " | s/step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| config | params | GFLOPs/step | train loss | held-out loss, equal tokens | vs "
+        f"{baseline} | held-out loss, equal FLOPs | vs {baseline} | s/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        delta = "" if base is None or r.name == baseline else f"{r.final_loss - base:+.3f}"
+        tok, flp = r.final_eval_loss, r.eval_loss_at_flops(budget)
+        is_base = r.name == baseline
+        d_tok = "" if is_base or base is None else delta(tok, base.final_eval_loss)
+        d_flp = "" if is_base or base is None else delta(flp, base.eval_loss_at_flops(budget))
         name = r.name + (f" ({notes[r.name]})" if r.name in notes else "")
-        first = r.losses[0] if r.losses else math.nan
         rows.append(
-            f"| {name} | {r.num_params:,} | {len(r.steps)} | {first:.3f} | {r.final_loss:.3f} "
-            f"| {delta} | {r.seconds_per_step:.3f} |"
+            f"| {name} | {r.num_params:,} | {r.flops_per_step / 1e9:.2f} | {fmt(r.final_loss)} "
+            f"| {fmt(tok)} | {d_tok} | {fmt(flp)} | {d_flp} | {r.seconds_per_step:.3f} |"
+        )
+    if results and results[0].steps:
+        r = results[0]
+        rows.append("")
+        rows.append(
+            f"Equal tokens: {r.steps[-1] * r.tokens_per_step:,} training tokens "
+            f"({r.steps[-1]} steps x {r.tokens_per_step:,}). Equal FLOPs: {budget:.3g} training "
+            "FLOPs (the smallest run's total), interpolated between evaluations; n/a = that "
+            "run's first evaluation came later."
         )
     return "\n".join(rows)
 
@@ -229,7 +340,7 @@ def run_ablation(
     import jax
     import numpy as np
 
-    from loopcoder_jax import checkpoint, trainer
+    from loopcoder_jax import checkpoint, flops, trainer
 
     exp = load_ablation(config_path, overrides)
     initial = _initial_params(exp) if measure_param_change else None
@@ -243,6 +354,7 @@ def run_ablation(
     times = sorted(r["step_time_s"] for r in records[1:]) or [math.nan]
     abstract = checkpoint.abstract_params(exp.model, exp.runtime)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    evals = [r for r in records if r.get("eval_loss") is not None]
     return AblationResult(
         name=name,
         steps=[r["step"] for r in records],
@@ -251,6 +363,9 @@ def run_ablation(
         seconds_per_step=times[len(times) // 2],
         tokens_per_step=exp.train.batch_size * exp.train.seq_len,
         param_change=change,
+        eval_steps=[r["step"] for r in evals],
+        eval_losses=[r["eval_loss"] for r in evals],
+        flops_per_step=flops.train_flops(exp.model, exp.train.batch_size, exp.train.seq_len),
     )
 
 
@@ -302,10 +417,12 @@ def run_all(
     `folded_init` needs `dense_4layer` trained first: it is added (and trained first) if
     missing; its folded params go to OUT/runs/dense_4layer_folded.
     """
+    from loopcoder_jax.config import ConfigError
+
     configs = ablation_configs(config_dir)
     unknown = sorted(set(names) - set(configs))
     if unknown:
-        raise ValueError(f"Unknown ablations {unknown}; available: {sorted(configs)}.")
+        raise ConfigError(f"Unknown ablations {unknown}; available: {sorted(configs)}.")
     names = list(names)
     if FOLDED in names and FOLD_SOURCE not in names:
         names.insert(0, FOLD_SOURCE)
@@ -317,6 +434,8 @@ def run_all(
     for name in names:
         overrides = budget_overrides(budget, run_root, name)
         overrides.update(extra_overrides or {})
+        if overrides.get("data.eval_sources", "[]").strip() not in ("", "[]", "null"):
+            overrides.pop("data.eval_fraction")  # eval files given: hold nothing out
         if name == FOLDED:
             target = load_ablation(configs[name], overrides)
             overrides["train.init_from"] = make_folded_init(
@@ -347,40 +466,86 @@ def load_results(path: str | os.PathLike) -> list[AblationResult]:
         return [AblationResult(**r) for r in json.load(f)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser():
+    """The `python -m loopcoder_jax.ablations` command line (every option shows its default)."""
     import argparse
+
+    from loopcoder_jax.cli import HelpFormatter
 
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.ablations",
-        description="Train ablation configs (configs/ablations) and plot/tabulate the results.",
+        description="Train ablation configs (configs/ablations), then plot and tabulate their "
+        "held-out loss at equal tokens and at equal FLOPs (docs/ablations.md).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS))
-    p.add_argument("--configs", default="all", help="comma-separated names, or 'all'")
-    p.add_argument("--config-dir", default=None)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--measure-param-change", action="store_true")
-    p.add_argument("--title", default="")
+    p.add_argument(
+        "--budget", default="cpu", choices=sorted(BUDGETS),
+        help="run size of every config: tiny (CI smoke), cpu (dev box), accelerator (GPU/TPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--configs",
+        default="all",
+        help="comma-separated config names, 'core' (CORE_CONFIGS) or 'all'",
+    )
+    p.add_argument(
+        "--config-dir", default=None,
+        help="directory of the ablation YAMLs (default: configs/ablations of this checkout)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out-dir", required=True,
+        help="where runs/<name>/, results.json, results.md and ablation_curves.png go",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="config override applied to every run, e.g. --set 'data.sources=[\"x.jsonl\"]' "
+        "(repeatable; default: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--measure-param-change", action="store_true",
+        help="also report how far training moved the params (one extra init compile per config)",
+    )  # fmt: skip
+    p.add_argument("--title", default="", help="plot title (default: 'LoopCoder ablations')")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    from loopcoder_jax.config import ConfigError
+    from loopcoder_jax.data.pipeline import DataError
+    from loopcoder_jax.data.tokenizer import TokenizerError
+    from loopcoder_jax.sharding import MeshError
+
+    p = build_parser()
     args = p.parse_args(argv)
-    names = list(ablation_configs(args.config_dir))
-    if args.configs != "all":
+    try:
+        names = list(ablation_configs(args.config_dir))
+    except FileNotFoundError as e:
+        p.exit(2, f"error: {e}\n")
+    if args.configs == "core":
+        names = list(CORE_CONFIGS)
+    elif args.configs != "all":
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
     extra = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             p.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        extra[key] = value
+        extra[key.strip()] = value
     os.makedirs(args.out_dir, exist_ok=True)
-    results = run_all(
-        names,
-        args.budget,
-        args.out_dir,
-        config_dir=args.config_dir,
-        extra_overrides=extra,
-        progress=True,
-        measure_param_change=args.measure_param_change,
-    )
+    try:
+        results = run_all(
+            names,
+            args.budget,
+            args.out_dir,
+            config_dir=args.config_dir,
+            extra_overrides=extra,
+            progress=True,
+            measure_param_change=args.measure_param_change,
+        )
+    except (ConfigError, DataError, MeshError, TokenizerError) as e:  # messages name the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     save_results(results, os.path.join(args.out_dir, "results.json"))
     plot_curves(results, os.path.join(args.out_dir, "ablation_curves.png"), title=args.title)
     table = results_table(results)

@@ -175,6 +175,10 @@ def topology_devices(topo: Topology) -> list:
     # single-process lockfile (several planners, or tests, may run side by side).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # libtpu's init looks for these (set on a TPU VM) and, missing, prints a harmless
+    # "unexpected worker hostname" error; a compile-only client is one local host.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     hosts = tuple(min(d, 2) for d in topo.grid) + (1,) * (3 - len(topo.grid))
     try:
         desc = topologies.get_topology_desc(
@@ -643,33 +647,60 @@ def build_experiment(args) -> ExperimentConfig:
     return exp.replace(train=train, runtime=runtime)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m loopcoder_jax.aot` command line (every option shows its default)."""
+    from loopcoder_jax.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.aot",
         description="Compile a LoopCoder step for a TPU topology on this machine (no TPU "
         "needed) and print per-chip HBM, compiled vs analytic FLOPs, the compiler's time "
         "estimate and the collectives.",
+        formatter_class=HelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", help="experiment YAML (configs/<x>.yaml)")
-    src.add_argument("--preset", help="model preset instead of a YAML (e.g. loop40b)")
+    src.add_argument(
+        "--config", help="experiment YAML, configs/<x>.yaml (default: the tiny embedded run)"
+    )
+    src.add_argument(
+        "--preset", help="model preset instead of a YAML, e.g. loop40b (default: use --config)"
+    )
     p.add_argument("--topology", required=True, help="slice, e.g. v5p-128, v4-8, v5e-16, v6e-64")
-    p.add_argument("--mesh", nargs="*", default=[], help="AXIS=N ... (data fsdp tensor sequence)")
-    p.add_argument("--seq", type=int, help="sequence length (train.seq_len)")
-    p.add_argument("--global-batch", type=int, help="global batch in sequences")
-    p.add_argument("--mode", default="train", choices=("train", "prefill", "decode"))
-    p.add_argument("--remat", choices=[r.value for r in Remat])
-    p.add_argument("--attn", choices=[a.value for a in AttnImpl])
-    p.add_argument("--set", action="append", default=[], help="section.key=value override")
+    p.add_argument(
+        "--mesh", nargs="*", default=[],
+        help="AXIS=N ... over data fsdp tensor sequence (default: the config's mesh)",
+    )  # fmt: skip
+    p.add_argument("--seq", type=int, help="sequence length (default: the config's seq_len)")
+    p.add_argument(
+        "--global-batch", type=int,
+        help="global batch in sequences (default: the config's batch_size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mode", default="train", choices=("train", "prefill", "decode"), help="step to compile"
+    )
+    p.add_argument(
+        "--remat", choices=[r.value for r in Remat],
+        help="remat policy (default: the config's runtime.remat)",
+    )  # fmt: skip
+    p.add_argument(
+        "--attn", choices=[a.value for a in AttnImpl],
+        help="attention kernel (default: the config's runtime.attn_impl)",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], help="section.key=value override (repeatable)"
+    )
     p.add_argument("--no-flop-count", action="store_true", help="skip the counting compiles")
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:
-        # Compile-only: keep JAX from probing for an attached TPU on this host, and give
-        # libtpu's init the values it would otherwise look for (noisily) on a TPU VM.
+        # Compile-only: keep JAX from probing for an attached TPU on this host (libtpu gets
+        # its host settings in `topology_devices`).
         jax.config.update("jax_platforms", "cpu")
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         exp = build_experiment(args)
         result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)

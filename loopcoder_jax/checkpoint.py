@@ -32,8 +32,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from loopcoder_jax import checkpoint_integrity as integrity
-from loopcoder_jax import storage
+from loopcoder_jax import quiet_logs, storage
 from loopcoder_jax.config import ModelConfig, RuntimeConfig
+
+quiet_logs.install()  # orbax's "Metadata file does not exist" on every item load (harmless)
 
 PARAMS_ITEM = "params"
 CONFIG_FILE = "config.json"

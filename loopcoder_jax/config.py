@@ -9,6 +9,7 @@ attention kernel, rematerialisation, scan vs unrolled layers) lives in `RuntimeC
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import math
@@ -399,13 +400,22 @@ def _coerce(value: str, like: Any) -> Any:
     return parsed
 
 
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """ " (did you mean 'train.lr'?)" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def build_dataclass(cls, section: Mapping[str, Any] | None, where: str):
     """Instantiates dataclass `cls` from a mapping, rejecting unknown keys by name."""
     section = dict(section or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - names)
     if unknown:
-        raise ConfigError(f"Unknown keys {unknown} in section '{where}'; valid: {sorted(names)}.")
+        hint = did_you_mean(unknown[0], names, f"{where}.")
+        raise ConfigError(
+            f"Unknown keys {unknown} in section '{where}'{hint}; valid: {sorted(names)}."
+        )
     for k, v in section.items():
         if isinstance(v, list):
             section[k] = tuple(v)
@@ -418,7 +428,8 @@ def apply_overrides(obj, overrides: Mapping[str, str], where: str):
     names = {f.name for f in dataclasses.fields(obj)}
     for key, raw in overrides.items():
         if key not in names:
-            raise ConfigError(f"Unknown key '{where}.{key}'; valid: {sorted(names)}.")
+            hint = did_you_mean(key, names, f"{where}.")
+            raise ConfigError(f"Unknown key '{where}.{key}'{hint}; valid: {sorted(names)}.")
         try:
             changes[key] = _coerce(raw, getattr(obj, key))
         except (ConfigError, ValueError) as e:
@@ -483,6 +494,10 @@ class DataConfig:
     read_threads: threads reading + tokenizing ahead of the consumer (in each process).
     startup_check_records: records read from the start of each source file before training to
       catch a wrong path, field name or format at once instead of mid-run.
+    eval_sources: held-out evaluation files (same formats as `sources`), never trained on.
+    eval_fraction: instead of eval_sources, hold out this fraction of the training records
+      (chosen by a fixed hash of the record index: the same records for every seed and process
+      count) and evaluate on them; they are removed from the training stream. 0 = none.
     """
 
     sources: tuple[str, ...] = ()
@@ -500,12 +515,26 @@ class DataConfig:
     worker_count: int = 0
     read_threads: int = 2
     startup_check_records: int = 1000
+    eval_sources: tuple[str, ...] = ()
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.sources, str):
-            object.__setattr__(self, "sources", (self.sources,))
-        elif not isinstance(self.sources, tuple):
-            object.__setattr__(self, "sources", tuple(self.sources))
+        for name in ("sources", "eval_sources"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        if not 0.0 <= float(self.eval_fraction) < 1.0:
+            raise ConfigError(
+                f"data.eval_fraction={self.eval_fraction} must lie in [0, 1) (e.g. 0.05 holds out "
+                "5% of the training records for evaluation)."
+            )
+        if self.eval_fraction and self.eval_sources:
+            raise ConfigError(
+                "Both data.eval_sources and data.eval_fraction are set; evaluate on files "
+                "(eval_sources) or on held-out training records (eval_fraction), not both."
+            )
         if self.record_format not in ("auto", "text", "chat"):
             raise ConfigError(
                 f"data.record_format={self.record_format!r}; choose 'auto', 'text' or 'chat'."
@@ -581,6 +610,10 @@ class TrainConfig:
     0 = off; -1 (default) = before every save on a multi-device mesh, off on one device.
     data_shards: slices the global batch is read in (one grain iterator each); 0 = one per
     process. Fixing it makes the data stream independent of the number of processes.
+    eval_every: evaluate the held-out loss every N steps and at the last step, when there is
+    eval data (data.eval_sources / data.eval_fraction); 0 = only at the last step.
+    eval_batches: batches per evaluation, each batch_size / grad_accum rows (one micro-batch):
+    the first ones of the eval set, the same at every evaluation.
     """
 
     steps: int = 200
@@ -609,10 +642,17 @@ class TrainConfig:
     nan_policy: str = "stop"
     data_shards: int = 0
     integrity_every: int = -1
+    eval_every: int = 100
+    eval_batches: int = 8
 
     def __post_init__(self):
         if self.data_shards < 0:
             raise ConfigError(f"train.data_shards must be >= 0, got {self.data_shards}.")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(
+                f"train.eval_every={self.eval_every} must be >= 0 (0 = only at the end) and "
+                f"train.eval_batches={self.eval_batches} >= 1."
+            )
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "loss_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -666,14 +706,20 @@ class ExperimentConfig:
         raw = dict(raw or {})
         unknown = sorted(set(raw) - set(cls.SECTIONS))
         if unknown:
-            raise ConfigError(f"Unknown sections {unknown}; valid: {list(cls.SECTIONS)}.")
+            hint = did_you_mean(unknown[0], cls.SECTIONS)
+            raise ConfigError(f"Unknown sections {unknown}{hint}; valid: {list(cls.SECTIONS)}.")
         per_section: dict[str, dict[str, str]] = {s: {} for s in cls.SECTIONS}
         for key, value in (overrides or {}).items():
             section, _, name = key.partition(".")
-            if section not in per_section or not name:
+            if not name:
                 raise ConfigError(
                     f"Override {key!r} must look like 'section.key=value' with section in "
                     f"{list(cls.SECTIONS)}."
+                )
+            if section not in per_section:
+                raise ConfigError(
+                    f"Unknown section '{section}' in override '{key}': the section is wrong"
+                    f"{did_you_mean(section, cls.SECTIONS)}; sections: {list(cls.SECTIONS)}."
                 )
             per_section[section][name] = value
         model_section = dict(raw.get("model") or {"preset": "tiny"})

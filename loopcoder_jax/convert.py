@@ -952,18 +952,22 @@ def _cast_tree(tree, dtype):
 
 
 # ============================================================================ CLI
-def _parser():
+def build_parser():
+    """The `python -m loopcoder_jax.convert` command line (every option shows its default)."""
     import argparse
+
+    from loopcoder_jax.cli import HelpFormatter
 
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.convert",
         description="Convert LoopCoder / IQuest-Coder weights between Hugging Face safetensors "
         "and loopcoder-jax Orbax params checkpoints (no torch needed). See docs/conversion.md.",
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, dst_kind):
-        sp.add_argument("src")
+        sp.add_argument("src", help="input checkpoint directory")
         sp.add_argument("dst", help=f"output directory ({dst_kind}); must not exist")
         sp.add_argument(
             "--dtype",
@@ -974,7 +978,10 @@ def _parser():
         sp.add_argument("--overwrite", action="store_true", help="replace an existing DST")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    a = sub.add_parser("hf-to-orbax", help="HF safetensors dir -> Orbax params checkpoint")
+    a = sub.add_parser(
+        "hf-to-orbax", help="HF safetensors dir -> Orbax params checkpoint",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     common(a, "Orbax params checkpoint")
     a.add_argument(
         "--piece-mb",
@@ -982,27 +989,44 @@ def _parser():
         default=ckpt.DEFAULT_GROUP_BYTES >> 20,
         help="host memory per write: layer slabs saved in Orbax groups of this size",
     )
-    b = sub.add_parser("orbax-to-hf", help="Orbax params checkpoint -> HF safetensors dir")
+    b = sub.add_parser(
+        "orbax-to-hf", help="Orbax params checkpoint -> HF safetensors dir",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     common(b, "HF checkpoint")
-    b.add_argument("--max-shard-size", default="5GB", help='e.g. "5GB", "500MB"')
+    b.add_argument(
+        "--max-shard-size", default="5GB", help='largest safetensors shard, e.g. "5GB", "500MB"'
+    )
     b.add_argument(
         "--tokenizer",
-        help="tokenizer.model (or a dir holding it with its HF tokenizer files) to export; "
-        "default: the one in SRC",
+        help="tokenizer.model (or a dir holding it with its HF tokenizer files) to export "
+        "(default: the one in SRC)",
     )
-    f = sub.add_parser("fold", help="dense checkpoint (HF or Orbax) -> loop model (Orbax)")
+    f = sub.add_parser(
+        "fold", help="dense checkpoint (HF or Orbax) -> loop model (Orbax)",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     common(f, "Orbax params checkpoint")
-    f.add_argument("--strategy", choices=list(FOLD_STRATEGIES), required=True)
+    f.add_argument(
+        "--strategy", choices=list(FOLD_STRATEGIES), required=True,
+        help="how dense layers become the shared stack (docs/conversion.md)",
+    )  # fmt: skip
     f.add_argument("--num-layers", type=int, required=True, help="layers L of the shared stack")
-    f.add_argument("--loop-num", type=int, default=2)
+    f.add_argument("--loop-num", type=int, default=2, help="loops of the folded model")
     f.add_argument(
         "--gate-init",
         type=float,
         default=0.0,
         help="initial gate bias: g = sigmoid(gate_init); 0 = official init (0.5)",
     )
-    f.add_argument("--loop-window-size", type=int, default=None)
-    f.add_argument("--piece-mb", type=int, default=ckpt.DEFAULT_GROUP_BYTES >> 20)
+    f.add_argument(
+        "--loop-window-size", type=int, default=None,
+        help="local window W of the loop model (default: the dense config's loop_window_size)",
+    )  # fmt: skip
+    f.add_argument(
+        "--piece-mb", type=int, default=ckpt.DEFAULT_GROUP_BYTES >> 20,
+        help="host memory per write: layer slabs saved in Orbax groups of this size",
+    )  # fmt: skip
     return p
 
 
@@ -1013,7 +1037,7 @@ def main(argv=None) -> int:
 
     from loopcoder_jax.data.tokenizer import TokenizerError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
         if args.command == "hf-to-orbax":

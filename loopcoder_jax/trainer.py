@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from loopcoder_jax import checkpoint as ckpt
-from loopcoder_jax import flops, integrity, runlock, storage
+from loopcoder_jax import eval_loop, flops, integrity, runlock, storage
 from loopcoder_jax import sharding as sh
 from loopcoder_jax import training as tr
 from loopcoder_jax.checkpoint_integrity import short_list
@@ -63,6 +63,7 @@ class RunSummary:
     preempted: bool = False
     losses: list[float] = dataclasses.field(default_factory=list)
     total_steps: int | None = None  # train.steps (a run that ends short of it was paused)
+    eval: eval_loop.EvalResult | None = None  # the last held-out evaluation of this invocation
 
     def line(self) -> str:
         if self.first_step > self.last_step:
@@ -83,9 +84,11 @@ class RunSummary:
         elif paused:  # --stop-at
             head = f"paused at {self.last_step}/{self.total_steps}"
             tail = "; rerun without --stop-at (or with a later one) to continue"
+        ev = self.eval
+        held_out = f", eval loss {ev.loss:.4f} (ppl {ev.ppl:.2f}, step {ev.step})" if ev else ""
         return (
-            f"[train] {head}: steps {self.first_step}..{self.last_step}, {loss}, {tps}, "
-            f"checkpoint {self.checkpoint}{tail}"
+            f"[train] {head}: steps {self.first_step}..{self.last_step}, {loss}{held_out}, "
+            f"{tps}, checkpoint {self.checkpoint}{tail}"
         )
 
 
@@ -179,7 +182,7 @@ class MetricsLog:
         # even after a kill -9.
         if self.writer is not None:
             scalars = {
-                f"train/{k}": v
+                (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
                 for k, v in record.items()
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
             }
@@ -442,6 +445,7 @@ def _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, sto
     tc = exp.train
     prepare_run_dir(exp, tokenizer.path)
     batches = ShardedBatches(exp, tokenizer)
+    evaluator = eval_loop.Evaluator(exp, tokenizer, model, mesh, rules, log=_log)
 
     checkpointer = ckpt.TrainCheckpointer(
         run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing
@@ -495,7 +499,7 @@ def _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, sto
     stop = _StopFlag().install()
     bar = None
     if progress and _is_main():
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # a widget in notebooks (Colab), a text bar elsewhere
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     losses, rates = [], []
@@ -536,6 +540,8 @@ def _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, sto
                 record["z_loss"] = m["z_loss"]
             if m["skipped"]:
                 record["skipped"] = True
+            if evaluator.due(step):
+                record.update(evaluator(state.params, step).record())
             metrics_log.write(record)
             losses.append(m["loss"])
             if step > start + 1:
@@ -592,6 +598,7 @@ def _train(exp, run_dir, tokenizer, mesh, rules, model, optimizer, progress, sto
         preempted=preempted,
         losses=losses,
         total_steps=tc.steps,
+        eval=evaluator.last,
     )
     _log(summary.line())
     return summary

@@ -14,31 +14,123 @@ md("""
 # LoopCoder ablations (tiny scale)
 
 Trains small variants of the LoopCoder loop design on code-flow data built from a real git
-history and compares their loss curves: `loop_num` 1 / 2 / 3, local window W, gate variant,
-untied loops, BPTT gradient scale, dense-to-loop folded init. Every variant is a YAML in
-`configs/ablations/` that differs from `loop2.yaml` in one knob.
+history and compares their **held-out loss** at equal training tokens and at equal training
+FLOPs (a 2-loop model spends twice the layer FLOPs per token): `loop_num` 1 / 2 / 3, local
+window W, gate variant, untied loops, BPTT gradient scale, dense-to-loop folded init. Every
+variant is a YAML in `configs/ablations/` that differs from `loop2.yaml` in one knob.
 
 **Scale:** these are 2-layer, 128-wide models trained for minutes. They show how the knobs
 behave on small code data, not what they do at 7B-40B. See `docs/ablations.md`.
 
-Runtime: works on CPU, GPU and TPU Colab runtimes. `BUDGET` below (or the environment variable
-`LOOPCODER_NOTEBOOK_BUDGET`) sets the run size: `tiny` (CI smoke run), `cpu`, `accelerator`.
+**Before you run:** set `REPO_URL` (a git URL of this project or your fork) **or**
+`LOCAL_SOURCE` (a folder or `.zip` of the project you uploaded, e.g. on Google Drive) in the
+first cell. Then *Runtime > Run all*. CPU, GPU and TPU runtimes all work (a TPU is detected and
+used). The default run (the `CORE_CONFIGS` below on the `cpu` budget on a CPU runtime,
+`accelerator` on a GPU/TPU) is sized to finish in under 10 minutes; `ALL_CONFIGS = True` trains
+all 11 configs. `LOOPCODER_NOTEBOOK_BUDGET` (`tiny`, `cpu`, `accelerator`) overrides the budget.
 """)
 
 code("""
-# Setup: install the package from the repository unless it is already importable (CI, local).
+# ---- Set ONE of these two, once -------------------------------------------------------------
+REPO_URL = ""      # e.g. "https://github.com/<you>/loopcoder-jax" (git clone, full history)
+LOCAL_SOURCE = ""  # or an uploaded folder / .zip, e.g. "/content/drive/MyDrive/loopcoder-jax"
+ALL_CONFIGS = False  # True: all 11 ablations (several times the default run time)
+# ----------------------------------------------------------------------------------------------
+import glob
+import importlib
 import importlib.util
 import os
 import subprocess
 import sys
+import zipfile
 
-# Set REPO_URL to the repository (or fork) to install from.
-REPO_URL = os.environ.get("LOOPCODER_REPO_URL", "https://github.com/YOUR-ORG/loopcoder-jax")
+REPO_URL = os.environ.get("LOOPCODER_REPO_URL", REPO_URL).strip()
+LOCAL_SOURCE = os.environ.get("LOOPCODER_SOURCE", LOCAL_SOURCE).strip()
+
+
+class SetupError(Exception):
+    \"\"\"A setup problem: shown as one message, without a traceback.\"\"\"
+
+    def _render_traceback_(self):  # IPython prints this instead of the traceback
+        return [f"SetupError: {self}"]
+
+
+def find_checkout(start):
+    \"\"\"The project checkout containing `start` (it has configs/ablations), or None.\"\"\"
+    path = os.path.abspath(start)
+    while True:
+        if os.path.isdir(os.path.join(path, "configs", "ablations")):
+            return path
+        if os.path.dirname(path) == path:
+            return None
+        path = os.path.dirname(path)
+
+
+def source_problem(repo_url, local_source):
+    \"\"\"Why REPO_URL / LOCAL_SOURCE cannot be used (a message naming the fix), or None.\"\"\"
+    fix = ("Set REPO_URL in the first cell to the project's git URL, e.g. "
+           "'https://github.com/<you>/loopcoder-jax', or LOCAL_SOURCE to an uploaded folder or "
+           ".zip of the project (Files pane, or Google Drive under /content/drive).")
+    if repo_url and local_source:
+        return "Both REPO_URL and LOCAL_SOURCE are set; keep one. " + fix
+    if local_source:
+        if not os.path.exists(local_source):
+            return f"LOCAL_SOURCE={local_source!r} does not exist. " + fix
+        if os.path.isdir(local_source) and find_checkout(local_source) is None:
+            return (f"LOCAL_SOURCE={local_source!r} holds no configs/ablations: point it at the "
+                    "project's root folder (the one with pyproject.toml). " + fix)
+        if os.path.isfile(local_source) and not zipfile.is_zipfile(local_source):
+            return f"LOCAL_SOURCE={local_source!r} is a file but not a .zip. " + fix
+        return None
+    if not repo_url:
+        return "No project source: REPO_URL and LOCAL_SOURCE are both empty. " + fix
+    if "YOUR-ORG" in repo_url or "<you>" in repo_url:
+        return f"REPO_URL={repo_url!r} is the placeholder, not a repository. " + fix
+    if not repo_url.startswith(("https://", "http://", "git@", "ssh://", "file://", "/")):
+        return f"REPO_URL={repo_url!r} is not a git URL (https://..., git@..., or a path). " + fix
+    return None
+
+
+def tpu_runtime():
+    \"\"\"True on a Colab / Cloud TPU VM (checked before jax is imported).\"\"\"
+    return bool(os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
+                or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+TPU_RUNTIME = tpu_runtime()
+SOURCE_DIR = find_checkout(os.getcwd())  # running inside a checkout (CI, a local clone)
+if SOURCE_DIR is None:
+    problem = source_problem(REPO_URL, LOCAL_SOURCE)
+    if problem:
+        raise SetupError(problem)
+    if LOCAL_SOURCE and os.path.isfile(LOCAL_SOURCE):  # an uploaded .zip
+        with zipfile.ZipFile(LOCAL_SOURCE) as z:
+            z.extractall("loopcoder-jax-src")
+        found = glob.glob("loopcoder-jax-src/**/configs/ablations", recursive=True)
+        if not found:
+            raise SetupError(f"The zip {LOCAL_SOURCE} holds no configs/ablations: upload a zip "
+                             "of the whole project (GitHub: Code > Download ZIP).")
+        SOURCE_DIR = find_checkout(found[0])
+    elif LOCAL_SOURCE:
+        SOURCE_DIR = find_checkout(LOCAL_SOURCE)
+    else:
+        SOURCE_DIR = os.path.abspath("loopcoder-jax-src")
+        if not os.path.isdir(SOURCE_DIR):
+            r = subprocess.run(["git", "clone", "-q", REPO_URL, SOURCE_DIR],
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise SetupError(f"git clone {REPO_URL} failed: {r.stderr.strip()} "
+                                 "Check REPO_URL (a private repository needs a token in the URL).")
 if importlib.util.find_spec("loopcoder_jax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    extra = "[tpu]" if TPU_RUNTIME and importlib.util.find_spec("libtpu") is None else ""
+    print(f"installing {SOURCE_DIR}{extra} (about a minute) ...")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{SOURCE_DIR}{extra}"],
+                   check=True)
+    importlib.invalidate_caches()
 import loopcoder_jax  # noqa: E402  (after the install above)
 
 print("loopcoder_jax", loopcoder_jax.__version__, "from", os.path.dirname(loopcoder_jax.__file__))
+print("project source:", SOURCE_DIR, "| TPU runtime:", TPU_RUNTIME)
 """)
 
 code("""
@@ -47,6 +139,9 @@ import jax
 
 BACKEND = jax.default_backend()
 print("backend:", BACKEND, "| devices:", jax.device_count(), jax.devices()[0].device_kind)
+if TPU_RUNTIME and BACKEND != "tpu":
+    print("WARNING: this is a TPU runtime but JAX does not see the TPU; restart the runtime "
+          "(Runtime > Restart session) so the freshly installed jax[tpu] is loaded.")
 BUDGET = os.environ.get("LOOPCODER_NOTEBOOK_BUDGET") or (
     "cpu" if BACKEND == "cpu" else "accelerator"
 )
@@ -56,17 +151,11 @@ print("budget:", BUDGET, "| outputs in", OUT_DIR)
 """)
 
 code("""
-# The ablation configs and a repository with real history to build code-flow data from:
-# this checkout when the notebook runs inside one, otherwise a fresh clone of REPO_URL.
+# The ablation configs, and the repository whose git history becomes the training data.
 from loopcoder_jax import ablations
 
-CONFIG_DIR = ablations.default_config_dir()
-SOURCE_REPO = os.path.dirname(os.path.dirname(CONFIG_DIR)) if CONFIG_DIR else None
-if CONFIG_DIR is None:
-    SOURCE_REPO = os.path.abspath("loopcoder-jax-src")
-    if not os.path.isdir(SOURCE_REPO):
-        subprocess.run(["git", "clone", "-q", REPO_URL, SOURCE_REPO], check=True)
-    CONFIG_DIR = os.path.join(SOURCE_REPO, "configs", "ablations")
+CONFIG_DIR = os.path.join(SOURCE_DIR, "configs", "ablations")
+SOURCE_REPO = SOURCE_DIR
 CONFIGS = ablations.ablation_configs(CONFIG_DIR)
 print(len(CONFIGS), "configs:", ", ".join(CONFIGS))
 print("code-flow source repository:", SOURCE_REPO)
@@ -106,8 +195,9 @@ if n_docs:  # what a document looks like (a transition if there is one)
 """)
 
 code("""
-# Which ablations to train: all of them, except on the CI smoke budget.
-NAMES = list(CONFIGS)
+# Which ablations to train: the core set (one per question: looping, window, gate, folding),
+# or all with ALL_CONFIGS; two on the CI smoke budget.
+NAMES = list(CONFIGS) if ALL_CONFIGS else list(ablations.CORE_CONFIGS)
 if BUDGET == "tiny":
     NAMES = ["loop1_dense", "loop2"]
 print(BUDGET, "budget:", ablations.BUDGETS[BUDGET], "->", NAMES)
@@ -124,11 +214,13 @@ results = ablations.run_all(
 ablations.save_results(results, os.path.join(OUT_DIR, "results.json"))
 for r in results:
     step_s = f"{r.seconds_per_step:.3f} s/step"
-    print(f"{r.name:<14} loss {r.losses[0]:.3f} -> {r.final_loss:.3f}, {step_s}")
+    print(f"{r.name:<14} train loss {r.losses[0]:.3f} -> {r.final_loss:.3f}, "
+          f"held-out loss {r.final_eval_loss:.3f}, {step_s}")
 """)
 
 code("""
-# Loss curves.
+# Curves, one panel per metric: training loss and held-out loss against training tokens,
+# held-out loss against training FLOPs.
 from IPython.display import Image, Markdown, display
 
 PLOT_PATH = ablations.plot_curves(
@@ -139,8 +231,8 @@ display(Image(PLOT_PATH))
 """)
 
 code("""
-# Results table (final loss = mean over the last 10% of steps; small differences are noise
-# at this scale: compare with a second seed before reading anything into them).
+# Results table: held-out loss at equal tokens and at equal FLOPs (differences under ~0.05 are
+# seed noise at this scale: compare with a second seed before reading anything into them).
 table = ablations.results_table(results)
 with open(os.path.join(OUT_DIR, "results.md"), "w") as f:
     f.write(table + "\\n")

@@ -370,13 +370,25 @@ def build_assets(output_dir: str, seed: int = 0) -> dict[str, str]:
     return {"corpus": corpus, "chat": chat, "tokenizer": model}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m loopcoder_jax.data.build_assets` command line."""
+    from loopcoder_jax.cli import HelpFormatter
+
     default_dir = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"
     )
-    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.build_assets")
-    parser.add_argument("--output-dir", default=default_dir)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.data.build_assets",
+        description="Regenerate the shipped corpus, chat sample and tokenizer (deterministic).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--output-dir", default=default_dir, help="where the assets are written")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     paths = build_assets(args.output_dir, args.seed)
     for kind, path in paths.items():

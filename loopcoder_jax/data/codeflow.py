@@ -786,12 +786,16 @@ def write_jsonl(records, out: str | os.PathLike) -> int:
     return n
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m loopcoder_jax.data.codeflow` command line (every option shows its default)."""
+    from loopcoder_jax.cli import HelpFormatter
+
     d = CodeFlowConfig()
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.data.codeflow",
         description="Build commit-transition and FIM training documents (JSONL) from the git "
         "history of local repositories. Nothing from the repositories is executed.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--repo", action="append", required=True, help="repository (repeatable)")
     p.add_argument(
@@ -800,23 +804,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="repository name for <|repo_name|> (repeatable, one per --repo; default: dir name)",
     )
     p.add_argument("--out", required=True, help="output JSONL path (written atomically)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--ref", default=d.ref, help="branch or commit to walk (default HEAD)")
-    p.add_argument("--kinds", default=",".join(d.kinds), help=f"subset of {','.join(KINDS)}")
-    p.add_argument("--transitions-per-repo", type=int, default=d.transitions_per_repo)
-    p.add_argument("--start-range", type=float, nargs=2, default=d.start_range)
-    p.add_argument("--min-span", type=int, default=d.min_span)
-    p.add_argument("--max-span", type=int, default=d.max_span)
-    p.add_argument("--max-files-per-transition", type=int, default=d.max_files_per_transition)
-    p.add_argument("--file-fim-per-repo", type=int, default=d.file_fim_per_repo)
-    p.add_argument("--repo-fim-per-repo", type=int, default=d.repo_fim_per_repo)
-    p.add_argument("--repo-context-files", type=int, default=d.repo_context_files)
-    p.add_argument("--line-fim-rate", type=float, default=d.line_fim_rate)
-    p.add_argument("--max-fim-lines", type=int, default=d.max_fim_lines)
-    p.add_argument("--max-file-bytes", type=int, default=d.max_file_bytes)
-    p.add_argument("--max-line-chars", type=int, default=d.max_line_chars)
-    p.add_argument("--max-doc-chars", type=int, default=d.max_doc_chars)
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+    p.add_argument("--ref", default=d.ref, help="branch or commit to walk")
+    p.add_argument(
+        "--kinds", default=",".join(d.kinds), help=f"comma-separated subset of {','.join(KINDS)}"
+    )
+    arg = p.add_argument
+    arg(
+        "--transitions-per-repo",
+        type=int,
+        default=d.transitions_per_repo,
+        help="start commits sampled (without replacement) per repository",
+    )
+    arg(
+        "--start-range",
+        type=float,
+        nargs=2,
+        default=d.start_range,
+        metavar=("LO", "HI"),
+        help="fraction of the first-parent history the start commits are drawn from",
+    )
+    arg(
+        "--min-span",
+        type=int,
+        default=d.min_span,
+        help="shortest forward search from a start commit, in first-parent commits",
+    )
+    arg(
+        "--max-span",
+        type=int,
+        default=d.max_span,
+        help="longest forward search from a start commit, in first-parent commits",
+    )
+    arg(
+        "--max-files-per-transition",
+        type=int,
+        default=d.max_files_per_transition,
+        help="a transition changes at most this many eligible files",
+    )
+    arg(
+        "--file-fim-per-repo",
+        type=int,
+        default=d.file_fim_per_repo,
+        help="file-level FIM documents per repository (0 = none)",
+    )
+    arg(
+        "--repo-fim-per-repo",
+        type=int,
+        default=d.repo_fim_per_repo,
+        help="repo-level FIM documents per repository (0 = none)",
+    )
+    arg(
+        "--repo-context-files",
+        type=int,
+        default=d.repo_context_files,
+        help="other files put before the target of a repo-level FIM document",
+    )
+    arg(
+        "--line-fim-rate",
+        type=float,
+        default=d.line_fim_rate,
+        help="probability that a FIM split takes whole lines instead of a character span",
+    )
+    arg(
+        "--max-fim-lines",
+        type=int,
+        default=d.max_fim_lines,
+        help="the longest middle of a line-level FIM split, in lines",
+    )
+    arg("--max-file-bytes", type=int, default=d.max_file_bytes, help="larger files are skipped")
+    arg(
+        "--max-line-chars",
+        type=int,
+        default=d.max_line_chars,
+        help="files with a longer line are skipped (minified or data, not code)",
+    )
+    arg(
+        "--max-doc-chars",
+        type=int,
+        default=d.max_doc_chars,
+        help="longer documents are not emitted (transitions try a nearer end)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         cfg = CodeFlowConfig(

@@ -132,24 +132,28 @@ class DataStats:
 
 
 # ---------------------------------------------------------------------------- sources
-def resolve_sources(patterns: Sequence[str]) -> list[str]:
-    """Expands paths/globs (empty = the shipped corpus); a clear `DataError` for a bad one."""
+def resolve_sources(patterns: Sequence[str], key: str = "data.sources") -> list[str]:
+    """Expands paths/globs (empty = the shipped corpus); a clear `DataError` for a bad one.
+
+    `key` is the config key the patterns come from, named in the error messages.
+    """
     if not patterns:
         return [shipped_corpus_path()]
+    empty_hint = " (or leave it empty for the shipped corpus)." if key == "data.sources" else "."
     paths: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise DataError(
-                f"data.sources pattern {pattern!r} matches no file. Fix the path/glob in the "
-                "`data:` section (or --set data.sources=[...])."
+                f"{key} pattern {pattern!r} matches no file. Fix the path/glob in the "
+                f"`data:` section (or --set {key}=[...])."
             )
         for path in matches:
             if not os.path.isfile(path):
                 raise DataError(
-                    f"data source {path} does not exist or is not a file. Fix data.sources in "
-                    "the `data:` section (or leave it empty for the shipped corpus)."
+                    f"data source {path} does not exist or is not a file. Fix {key} in "
+                    f"the `data:` section{empty_hint}"
                 )
             if not path.endswith(JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES):
                 raise DataError(
@@ -534,7 +538,98 @@ def make_train_iterator(
     layout. Sources are checked before the first batch (`DataError` names the file and the fix);
     malformed records met later are skipped and counted in `data_stats(it)`. State:
     `iterator_state` / `restore_iterator_state`, or the grain Orbax args.
+    With `data_cfg.eval_fraction` > 0 the held-out records (`held_out_indices`) are left out.
     """
+    return _make_iterator(
+        data_cfg,
+        "train",
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+    )
+
+
+def has_eval_data(data_cfg: DataConfig) -> bool:
+    """True when the config names held-out data (eval_sources, or an eval_fraction > 0)."""
+    return bool(data_cfg.eval_sources) or data_cfg.eval_fraction > 0
+
+
+def make_eval_iterator(
+    data_cfg: DataConfig,
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """One pass, in file order, over the held-out records: packed batches like the training ones.
+
+    The records are `data_cfg.eval_sources`, or the `eval_fraction` of the training records that
+    `make_train_iterator` leaves out. No shuffling, one epoch, the last batch may be short (and its
+    last row padded): the eval set is the same for every run of the same data.
+    """
+    if not has_eval_data(data_cfg):
+        raise DataError("No eval data: set data.eval_sources or data.eval_fraction.")
+    return _make_iterator(
+        data_cfg.replace(shuffle=False, num_epochs=1),
+        "eval",
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=0,
+    )
+
+
+def held_out_indices(num_records: int, fraction: float) -> np.ndarray:
+    """Sorted indices of the `fraction` of `num_records` records held out for evaluation.
+
+    A fixed permutation (its own seed, not the train or data seed), so every run over the same
+    sources holds out the same records; at least one record when fraction > 0, and never all.
+    """
+    if fraction <= 0 or num_records == 0:
+        return np.zeros(0, np.int64)
+    k = min(max(1, round(num_records * fraction)), num_records - 1)
+    perm = np.random.default_rng(_HELD_OUT_SEED).permutation(num_records)
+    return np.sort(perm[:k])
+
+
+_HELD_OUT_SEED = 20260613  # fixed: the held-out set must not move with the train seed
+
+
+class _Subset(grain.sources.RandomAccessDataSource):
+    """The records of a `RecordSource` at the given indices, in their order."""
+
+    def __init__(self, source: RecordSource, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f"_Subset({len(self)} of {self.source!r})"
+
+
+def _make_iterator(
+    data_cfg: DataConfig,
+    split: str,
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+):
+    """The pipeline behind both iterators; `split` is "train" or "eval"."""
     if seq_len < 2 or batch_size < 1:
         raise DataError(f"seq_len={seq_len} must be >= 2 and batch_size={batch_size} >= 1.")
     if not 0 <= process_index < process_count:
@@ -547,20 +642,31 @@ def make_train_iterator(
             data_cfg.tokenizer,
             tokenizer.path,
         )
-    paths = resolve_sources(data_cfg.sources)
+    eval_files = split == "eval" and bool(data_cfg.eval_sources)
+    if eval_files:
+        paths = resolve_sources(data_cfg.eval_sources, key="data.eval_sources")
+    else:
+        paths = resolve_sources(data_cfg.sources)
     source = RecordSource(paths)
     stats = DataStats(process_index)
     encoder = _Encoder(data_cfg, tokenizer.path, paths, stats, _tok=tokenizer)
     _startup_check(data_cfg, source, encoder)
+    records = source
+    held_out = "" if eval_files else _held_out_tag(data_cfg)
+    if held_out:  # the same fixed split for both iterators: eval gets exactly what train lacks
+        held = held_out_indices(len(source), data_cfg.eval_fraction)
+        keep = held if split == "eval" else np.setdiff1d(np.arange(len(source)), held)
+        records = _Subset(source, keep)
 
-    n = len(source)
+    n = len(records)
     start, stop = n * process_index // process_count, n * (process_index + 1) // process_count
     if stop == start:
         raise DataError(
-            f"process {process_index} of {process_count} gets no records: the sources hold only "
-            f"{n}. Add data or use fewer processes."
+            f"process {process_index} of {process_count} gets no "
+            f"{'records' if split == 'train' else 'eval records'}: the sources hold only {n}. "
+            "Add data or use fewer processes."
         )
-    ds = grain.MapDataset.source(source)[start:stop]
+    ds = grain.MapDataset.source(records)[start:stop]
     data_seed = data_cfg.seed if data_cfg.seed is not None else seed
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=data_seed)
@@ -576,11 +682,12 @@ def make_train_iterator(
     # What a saved position refers to: records, this shard, their order, their tokens. (Not
     # seq_len or batch size: a position is a record + token offset, valid for any row shape.)
     stream_id = (
-        f"records={n} shard={start}:{stop} seed={data_seed if data_cfg.shuffle else 'none'} "
-        f"epochs={data_cfg.num_epochs} fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}"
+        f"records={len(source)} shard={start}:{stop} "
+        f"seed={data_seed if data_cfg.shuffle else 'none'} epochs={data_cfg.num_epochs} "
+        f"fim={data_cfg.fim_rate} vocab={tokenizer.vocab_size}{held_out}"
     )
     it_ds = _PackIterDataset(it_ds, seq_len, tokenizer.pad_id, data_cfg.split_long, stream_id)
-    it_ds = it_ds.batch(batch_size, drop_remainder=True)
+    it_ds = it_ds.batch(batch_size, drop_remainder=split == "train")
     if data_cfg.worker_count > 0:
         # grain's worker processes read absl flags; a plain `python train.py` never parses
         # them, so take the defaults (what an absl app would do with no flags given).
@@ -590,6 +697,11 @@ def make_train_iterator(
     it = iter(it_ds)
     it.data_stats = stats  # counters of this process (of worker processes when worker_count > 0)
     return it
+
+
+def _held_out_tag(data_cfg: DataConfig) -> str:
+    """Part of the stream id: a run with another held-out split reads other records."""
+    return f" heldout={data_cfg.eval_fraction}" if data_cfg.eval_fraction > 0 else ""
 
 
 def data_stats(it) -> DataStats:
@@ -627,21 +739,43 @@ def describe_batch(batch: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def build_parser():
+    """The `python -m loopcoder_jax.data.pipeline` command line (options show their defaults)."""
+    import argparse
+
+    from loopcoder_jax.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.data.pipeline",
+        description="Check a data set before training: startup checks, batch fill statistics, "
+        "decoded rows, malformed-record counts (docs/data.md).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--sources", nargs="*", default=[],
+        help="JSONL / ArrayRecord paths or globs (default: the shipped corpus)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model path (default: the shipped one)"
+    )
+    parser.add_argument(
+        "--record-format", default="auto", choices=["auto", "text", "chat"],
+        help="record kind (auto: chat when the record has 'messages')",
+    )  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    parser.add_argument("--batches", type=int, default=2, help="batches to read")
+    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m loopcoder_jax.data.pipeline --sources FILES`: check data and show batches."""
-    import argparse
     import sys
 
     from loopcoder_jax.data.tokenizer import load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.pipeline")
-    parser.add_argument("--sources", nargs="*", default=[], help="default: the shipped corpus")
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--record-format", default="auto", choices=["auto", "text", "chat"])
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--show", type=int, default=1, help="rows to print decoded")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = DataConfig(

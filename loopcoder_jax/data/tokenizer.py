@@ -485,22 +485,51 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(staged, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loopcoder_jax.data.tokenizer")
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m loopcoder_jax.data.tokenizer` command line (options show their defaults)."""
+    from loopcoder_jax.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="python -m loopcoder_jax.data.tokenizer",
+        description="Train a SentencePiece tokenizer with the special tokens, or show how one "
+        "tokenizes a text (docs/data.md).",
+        formatter_class=HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a SentencePiece model with the special tokens")
+    t = sub.add_parser(
+        "train", help="train a SentencePiece model with the special tokens",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     t.add_argument("--input", nargs="+", required=True, help=".jsonl or text files (globs ok)")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument(
+        "--vocab-size", type=int, required=True,
+        help="pieces in the model (> 256 + 13 + distinct characters with byte fallback)",
+    )  # fmt: skip
     t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model/.vocab")
-    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    t.add_argument("--no-byte-fallback", action="store_true")
-    t.add_argument("--text-field", default="text")
-    t.add_argument("--extra-special-tokens", nargs="*", default=[])
-    t.add_argument("--num-threads", type=int, default=1)
+    t.add_argument(
+        "--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm"
+    )
+    t.add_argument(
+        "--no-byte-fallback", action="store_true",
+        help="no byte pieces: unknown characters become <unk> (saves 256 ids)",
+    )  # fmt: skip
+    t.add_argument("--text-field", default="text", help="JSONL key of the document text")
+    t.add_argument(
+        "--extra-special-tokens", nargs="*", default=[],
+        help="more user-defined special tokens, after the built-in ones",
+    )  # fmt: skip
+    t.add_argument("--num-threads", type=int, default=1, help="trainer threads (1 = deterministic)")
     t.add_argument("--max-documents", type=int, default=0, help="sample this many (0 = all)")
-    e = sub.add_parser("encode", help="show how a model tokenizes a text")
+    e = sub.add_parser(
+        "encode", help="show how a model tokenizes a text", formatter_class=HelpFormatter
+    )
     e.add_argument("--model", default=None, help="tokenizer.model (default: the shipped one)")
-    e.add_argument("--text", required=True)
+    e.add_argument("--text", required=True, help="the text to tokenize")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":

@@ -98,6 +98,9 @@ def test_every_ablation_config_trains(trained, name):
     steps = ablations.BUDGETS["tiny"]["steps"]
     assert r.steps == list(range(1, steps + 1))
     assert all(math.isfinite(x) for x in r.losses), r.losses
+    # held out (eval_every 1), on the records the budget holds out of training
+    assert r.eval_steps == r.steps and all(math.isfinite(x) for x in r.eval_losses)
+    assert r.final_eval_loss == r.eval_losses[-1] and r.flops_per_step > 0
     assert min(r.losses[1:]) < r.losses[0]  # the few steps already lower the loss
     run_dir = out / "runs" / name
     # Warmup starts at lr = 0, so the step-1 checkpoint holds the initial params.
@@ -137,4 +140,46 @@ def test_results_plot_and_table(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in EXPECTED_DIFF)
+    assert "held-out loss, equal tokens" in table and "held-out loss, equal FLOPs" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("| loop1_dense |"))
+    assert f"{results['loop1_dense'].final_eval_loss:.3f}" in row
     assert json.loads((out / "results.json").read_text())[0]["steps"]
+
+
+def _result(name, flops_per_step, eval_losses, eval_every=10, steps=100):
+    return ablations.AblationResult(
+        name=name, steps=list(range(1, steps + 1)), losses=[5.0] * steps, num_params=1,
+        seconds_per_step=0.1, tokens_per_step=1024, flops_per_step=flops_per_step,
+        eval_steps=list(range(eval_every, steps + 1, eval_every)), eval_losses=eval_losses,
+    )  # fmt: skip
+
+
+def test_equal_tokens_and_equal_flops_comparison_by_hand():
+    dense = _result("loop1_dense", 100, [6.0 - 0.1 * i for i in range(10)])  # 6.0 .. 5.1
+    loop = _result("loop2", 200, [6.0 - 0.2 * i for i in range(10)])  # 6.0 .. 4.2
+    budget = ablations.equal_flops_budget([dense, loop])
+    assert budget == 100 * 100  # the dense run's total: the loop model reaches it at step 50
+    assert loop.eval_loss_at_flops(budget) == pytest.approx(6.0 - 0.2 * 4)  # step 50 = eval 5
+    assert dense.eval_loss_at_flops(budget) == pytest.approx(5.1)
+    assert loop.eval_loss_at_flops(200 * 55) == pytest.approx((5.2 + 5.0) / 2)  # interpolated
+    assert math.isnan(loop.eval_loss_at_flops(200 * 5))  # before the first evaluation
+    table = ablations.results_table([loop, dense])
+    row = next(ln for ln in table.splitlines() if ln.startswith("| loop1_dense |"))
+    # equal tokens: 5.1 vs 4.2 (+0.900); equal FLOPs: 5.1 vs 5.2 (-0.100)
+    assert "| 5.100 | +0.900 | 5.100 | -0.100 |" in row
+    assert "102,400 training tokens" in table
+
+
+def test_smoothing_label_makes_sense_at_any_budget():
+    assert ablations.smoothing_window(3) == 1
+    assert ablations.smoothing_label(1, 128) == "raw, one point per step"
+    assert ablations.smoothing_window(100) == 6
+    assert ablations.smoothing_label(6, 1024) == "trailing mean of 6 steps = 6,144 tokens"
+
+
+def test_cli_errors_exit_2_naming_the_fix(tmp_path, capsys):
+    base = ["--out-dir", str(tmp_path), "--config-dir", CONFIG_DIR]
+    assert ablations.main([*base, "--configs", "loop2", "--set", "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'?" in capsys.readouterr().err
+    assert ablations.main([*base, "--configs", "loop9"]) == 2
+    assert "Unknown ablations ['loop9']" in capsys.readouterr().err

@@ -5,6 +5,7 @@ code-flow dataset from this checkout's git history, trains two ablation configs 
 steps, and must write the loss-curve PNG and the results table.
 """
 
+import ast
 import os
 
 import nbclient  # the [test] extra installs nbclient, nbformat, ipykernel, matplotlib
@@ -19,7 +20,38 @@ def test_notebook_is_committed_without_outputs():
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
-    assert "pip" in code[0].source and "git+" in code[0].source
+    setup = code[0].source
+    assert "pip" in setup and setup.index("REPO_URL = ") < setup.index("import")  # set at the top
+
+
+def _setup_functions():
+    """The helper functions the setup cell defines, executed on their own (no install)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    tree = ast.parse(nb.cells[1].source)
+    keep = [n for n in tree.body if isinstance(n, ast.Import | ast.FunctionDef | ast.ClassDef)]
+    namespace = {}
+    exec(compile(ast.Module(keep, type_ignores=[]), "setup-cell", "exec"), namespace)
+    return namespace
+
+
+def test_setup_cell_validates_the_source_with_a_message_naming_the_fix(tmp_path):
+    fns = _setup_functions()
+    problem = fns["source_problem"]
+    for url, local, expected in [
+        ("", "", "both empty"),
+        ("https://github.com/YOUR-ORG/loopcoder-jax", "", "is the placeholder"),
+        ("github.com/me/loopcoder-jax", "", "not a git URL"),
+        ("https://github.com/me/x", str(tmp_path), "Both REPO_URL and LOCAL_SOURCE"),
+        ("", str(tmp_path / "missing"), "does not exist"),
+        ("", str(tmp_path), "holds no configs/ablations"),
+    ]:
+        message = problem(url, local)
+        assert message and expected in message and "Set REPO_URL" in message, (url, local)
+    assert problem("https://github.com/me/loopcoder-jax", "") is None
+    assert problem("", REPO_ROOT) is None  # a folder holding the project
+    assert fns["find_checkout"](os.path.join(REPO_ROOT, "notebooks")) == REPO_ROOT
+    # Shown in the notebook as one line, not a traceback.
+    assert fns["SetupError"]("x")._render_traceback_() == ["SetupError: x"]
 
 
 def test_notebook_runs_headless_on_cpu(tmp_path, monkeypatch):

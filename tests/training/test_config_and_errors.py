@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -115,3 +117,28 @@ def test_diverging_loss_stops_with_step_checkpoint_and_hint(tmp_path):
     msg = str(e.value)
     assert "at step 2" in msg and "checkpoints/1" in msg and "nan_policy=skip" in msg
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")  # the last good state
+
+
+def test_unknown_keys_and_sections_suggest_the_nearest_valid_one(tmp_path):
+    hint = r"Unknown key 'train\.lrr' \(did you mean 'train\.lr'\?\)"
+    with pytest.raises(ConfigError, match=hint):
+        ExperimentConfig.from_yaml(None, {"train.lrr": "1"})
+    with pytest.raises(ConfigError, match=r"Unknown section 'trian' .*section is wrong.*'train'\?"):
+        ExperimentConfig.from_yaml(None, {"trian.lr": "1"})
+    with pytest.raises(ConfigError, match=r"did you mean 'model\.loop_num'\?"):
+        ExperimentConfig.from_yaml(None, {"model.loop_nm": "1"})
+    with pytest.raises(ConfigError, match=r"did you mean 'data\.eval_fraction'\?"):
+        ExperimentConfig.from_dict({"data": {"eval_fractio": 0.1}})
+    with pytest.raises(ConfigError, match=r"Unknown sections \['trian'\] \(did you mean 'train'"):
+        ExperimentConfig.from_dict({"trian": {}})
+    with pytest.raises(ConfigError) as far:  # nothing close: no suggestion, the valid list
+        ExperimentConfig.from_yaml(None, {"train.zzzz": "1"})
+    assert "did you mean" not in str(far.value) and "'lr'" in str(far.value)
+    # through train.py: exit 2, one line naming the fix, no traceback
+    p = subprocess.run(
+        [sys.executable, "train.py", "--set", "train.lrr=1e-3", "--run-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert p.returncode == 2 and "did you mean 'train.lr'?" in p.stderr
+    assert "Traceback" not in p.stderr

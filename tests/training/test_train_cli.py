@@ -26,8 +26,13 @@ COMMON = [
     "--set", "train.warmup_steps=4",
     "--set", "train.lr=5e-3",
     "--set", "data.startup_check_records=50",
+    # 5% of the corpus held out, evaluated every 5 steps: resumes must reproduce it too
+    "--set", "data.eval_fraction=0.05",
+    "--set", "train.eval_every=5",
+    "--set", "train.eval_batches=2",
 ]  # fmt: skip
 STEPS = 20
+EVAL_STEPS = [5, 10, 15, 20]
 
 
 def _env(cache_dir, devices=1):
@@ -94,9 +99,17 @@ def test_loss_drops_and_run_dir_is_complete(straight_run):
     for r in m:
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["grad_norm"] > 0
     assert "[train] done: steps 1..20" in stdout and "checkpoints/20" in stdout
+    evals = [r for r in m if "eval_loss" in r]
+    assert [r["step"] for r in evals] == EVAL_STEPS
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[0]["eval_tokens"] > 0
+    assert all(r["eval_ppl"] == pytest.approx(np.exp(r["eval_loss"])) for r in evals)
+    assert f"eval loss {evals[-1]['eval_loss']:.4f}" in stdout
     for name in ("config.json", "experiment.json", "tokenizer.model"):
         assert os.path.isfile(os.path.join(run, name)), name
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
+    events = [n for n in os.listdir(run / "tensorboard") if n.startswith("events.out.tfevents")]
+    assert events
+    tb = b"".join((run / "tensorboard" / n).read_bytes() for n in events)
+    assert b"train/loss" in tb and b"eval/loss" in tb and b"eval/ppl" in tb
     assert {"data", "meta", "opt_state", "params"} <= set(os.listdir(run / "checkpoints" / "20"))
 
 
@@ -147,6 +160,8 @@ def test_sigterm_saves_and_kill9_resume_is_exact(straight_run, tmp_path, cache_d
     m = _metrics(run)
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))
     np.testing.assert_array_equal([r["loss"] for r in m], ref)
+    ref_eval = [r.get("eval_loss") for r in _metrics(straight_run[0])]
+    assert [r.get("eval_loss") for r in m] == ref_eval  # bitwise, at the same steps
 
 
 @pytest.mark.slow
