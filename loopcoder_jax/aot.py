@@ -222,6 +222,10 @@ class Plan:
     collectives: dict[str, dict[str, float]]
     compile_seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    # The model FLOPs with causal attention counted as (T + 1) / 2 keys per query (MaxText's
+    # convention, T / 2, up to 1/T); `analytic_flops` charges all T keys (what dense XLA
+    # attention computes). None: not computed (equal to analytic_flops for decode).
+    analytic_flops_causal: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -241,13 +245,26 @@ class Plan:
         return self.compiled_flops_per_chip * self.num_chips / self.analytic_flops
 
     @property
-    def mfu_bound(self) -> float | None:
-        """Analytic model FLOPs / (estimated step time x peak): an ESTIMATE."""
-        if not self.optimal_seconds:
+    def has_estimate(self) -> bool:
+        """The compiler gave a usable time estimate (absent, zero or negative ones are not:
+        v6e's cost model returns negative times when counting is off)."""
+        return self.optimal_seconds is not None and self.optimal_seconds > 0
+
+    def _mfu(self, model_flops: float | None) -> float | None:
+        if not self.has_estimate or not model_flops:
             return None
-        return self.analytic_flops / (
-            self.optimal_seconds * self.num_chips * self.peak_flops_per_chip
-        )
+        return model_flops / (self.optimal_seconds * self.num_chips * self.peak_flops_per_chip)
+
+    @property
+    def mfu_bound(self) -> float | None:
+        """Full-attention model FLOPs (all T keys per query) / (estimated step time x peak):
+        an ESTIMATE. None without a positive time estimate."""
+        return self._mfu(self.analytic_flops)
+
+    @property
+    def mfu_bound_causal(self) -> float | None:
+        """As `mfu_bound`, with causal model FLOPs (~T/2 keys per query: MaxText's MFU)."""
+        return self._mfu(self.analytic_flops_causal)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -256,6 +273,8 @@ class Plan:
             fits=self.fits,
             flops_ratio=self.flops_ratio,
             mfu_bound_estimate=self.mfu_bound,
+            mfu_bound_causal_estimate=self.mfu_bound_causal,
+            has_estimate=self.has_estimate,
         )
         return out
 
@@ -279,17 +298,37 @@ class Plan:
         if self.peak_bytes:
             lines.append(f"    (compiler's live peak {gib(self.peak_bytes).strip()})")
         total_tf = self.analytic_flops / 1e12
-        lines.append(f"  analytic model FLOPs  {total_tf:10.1f} TFLOP per step (all chips)")
+        lines.append(
+            f"  analytic model FLOPs  {total_tf:10.1f} TFLOP per step (all chips; full "
+            "attention: T keys per query)"
+        )
+        if self.analytic_flops_causal is not None:
+            lines.append(
+                f"                        {self.analytic_flops_causal / 1e12:10.1f} TFLOP per step "
+                "(causal: T/2 keys per query, MaxText's MFU convention)"
+            )
         if self.compiled_flops_per_chip is not None:
             compiled_tf = self.compiled_flops_per_chip * self.num_chips / 1e12
             lines.append(
                 f"  compiled FLOPs        {compiled_tf:10.1f} TFLOP per step "
-                f"(ratio {self.flops_ratio:.2f} x analytic)"
+                f"(ratio {self.flops_ratio:.2f} x analytic full-attention FLOPs)"
             )
-        if self.optimal_seconds:
+        if self.has_estimate:
+            mfu = f"MFU bound {100 * self.mfu_bound:.1f}% on full-attention FLOPs"
+            if self.mfu_bound_causal is not None:
+                mfu = (
+                    f"MFU bound {100 * self.mfu_bound_causal:.1f}% on causal FLOPs, "
+                    f"{100 * self.mfu_bound:.1f}% on full-attention FLOPs"
+                )
             lines.append(
                 f"  compiler estimate     {self.optimal_seconds * 1e3:10.1f} ms per step "
-                f"(ESTIMATE) -> MFU bound {100 * self.mfu_bound:.1f}% (ESTIMATE)"
+                f"(ESTIMATE) -> {mfu} (ESTIMATES)"
+            )
+        else:
+            lines.append(
+                "  compiler estimate     no estimate (the compiler gave "
+                + ("none" if self.optimal_seconds is None else "a non-positive time")
+                + "; count FLOPs, i.e. drop --no-flop-count, for one)"
             )
         if self.collectives:
             lines.append("  collectives in the compiled HLO (loop bodies counted once):")
@@ -430,13 +469,17 @@ def _cost(compiled) -> tuple[float | None, float | None]:
     return ca.get("flops"), ca.get("optimal_seconds")
 
 
-def analytic_flops(exp: ExperimentConfig, mode: str) -> float:
-    """Model FLOPs of one step (flops.py conventions: causal pairs, no remat)."""
+def analytic_flops(exp: ExperimentConfig, mode: str, *, causal: bool = False) -> float:
+    """Model FLOPs of one step (flops.py conventions, no remat recompute).
+
+    causal=False charges every query all T keys of the causal branches (what dense XLA
+    attention computes); True charges (T + 1) / 2 (the causal half: MaxText's MFU count).
+    Decode reads the whole cache either way."""
     cfg, b, t = exp.model, exp.train.batch_size, exp.train.seq_len
     if mode == "train":
-        return float(flops_lib.train_flops(cfg, b, t))
+        return float(flops_lib.train_flops(cfg, b, t, causal_dense=not causal))
     if mode == "prefill":
-        return float(flops_lib.forward_flops(cfg, b, t))
+        return float(flops_lib.forward_flops(cfg, b, t, causal_dense=not causal))
     # decode: one token per row against a full cache of t positions
     per_pair = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
     pairs = cfg.loop_num * t + (cfg.loop_num - 1) * min(cfg.loop_window_size, t)
@@ -497,6 +540,7 @@ def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
         hbm_bytes=topo.generation.hbm_bytes,
         compiled_flops_per_chip=None,
         analytic_flops=analytic_flops(exp, mode),
+        analytic_flops_causal=analytic_flops(exp, mode, causal=True),
         optimal_seconds=None,
         peak_flops_per_chip=topo.generation.peak_flops,
         collectives={},
@@ -597,6 +641,7 @@ def plan(
         hbm_bytes=topo.generation.hbm_bytes,
         compiled_flops_per_chip=flops_per_chip,
         analytic_flops=analytic_flops(exp, mode),
+        analytic_flops_causal=analytic_flops(exp, mode, causal=True),
         optimal_seconds=seconds,
         peak_flops_per_chip=topo.generation.peak_flops,
         collectives=collectives_in_hlo(hlo),

@@ -12,6 +12,8 @@ from loopcoder_jax import aot
 from loopcoder_jax.cache import cache_bytes
 from loopcoder_jax.config import ExperimentConfig, MeshConfig, RuntimeConfig, preset
 
+GIB = 2**30
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) not installed"
 )
@@ -93,6 +95,48 @@ def test_plan_verdict_and_report():
     assert plan.mfu_bound == pytest.approx(8e15 / (10.0 * 8 * 197e12))
     text = plan.report()
     assert "DOES NOT FIT" in text and "(ESTIMATE)" in text and "ratio 1.50" in text
+
+
+def _plan(**kw):
+    base = dict(
+        topology="v6e-8", device_kind="TPU v6 lite", num_chips=8, mesh={"fsdp": 8},
+        mode="train", seq_len=8192, global_batch=8, remat="full", attn_impl="splash",
+        dtype="bfloat16", argument_bytes=GIB, output_bytes=GIB, alias_bytes=GIB, temp_bytes=GIB,
+        peak_bytes=0, hbm_bytes=32 * GIB, compiled_flops_per_chip=None, analytic_flops=8e15,
+        optimal_seconds=None, peak_flops_per_chip=918e12, collectives={}, compile_seconds=1.0,
+    )  # fmt: skip
+    return aot.Plan(**{**base, **kw})
+
+
+@pytest.mark.parametrize("seconds", [None, 0.0, -8.931])
+def test_absent_or_negative_estimate_is_never_printed_as_a_number(seconds):
+    p = _plan(optimal_seconds=seconds, analytic_flops_causal=5e15)
+    text = p.report()
+    assert "no estimate" in text and "MFU bound" not in text and "-8931" not in text
+    assert p.mfu_bound is None and p.mfu_bound_causal is None and not p.has_estimate
+    out = p.to_json()
+    assert out["mfu_bound_estimate"] is None and out["has_estimate"] is False
+
+
+def test_mfu_reported_on_causal_and_full_counts_labelled():
+    """Both conventions, each from its own analytic count (checked here by hand)."""
+    exp = _tiny_experiment()  # seq 256, batch 8
+    full, causal = aot.analytic_flops(exp, "train"), aot.analytic_flops(exp, "train", causal=True)
+    cfg, t, b = exp.model, 256, 8
+    # attention pairs per layer: loop 0 + the global branch of loop 1 (causal), loop 1's
+    # local branch (W keys); 4 * H_q * head_dim FLOPs per pair forward, x3 for training
+    pairs_full = cfg.loop_num * t * t
+    pairs_causal = cfg.loop_num * t * (t + 1) / 2
+    per_pair = 3 * 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * b
+    assert full - causal == pytest.approx(per_pair * (pairs_full - pairs_causal), rel=1e-9)
+    p = _plan(analytic_flops=full, analytic_flops_causal=causal, optimal_seconds=1e-3,
+              peak_flops_per_chip=1e12)  # fmt: skip
+    assert p.mfu_bound == pytest.approx(full / (1e-3 * 8 * 1e12))
+    assert p.mfu_bound_causal == pytest.approx(causal / (1e-3 * 8 * 1e12))
+    text = p.report()
+    assert f"MFU bound {100 * p.mfu_bound_causal:.1f}% on causal FLOPs" in text
+    assert f"{100 * p.mfu_bound:.1f}% on full-attention FLOPs" in text
+    assert "T/2 keys per query" in text and "T keys per query" in text
 
 
 @pytest.mark.slow
