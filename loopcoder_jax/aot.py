@@ -226,6 +226,10 @@ class Plan:
     # convention, T / 2, up to 1/T); `analytic_flops` charges all T keys (what dense XLA
     # attention computes). None: not computed (equal to analytic_flops for decode).
     analytic_flops_causal: float | None = None
+    # When this plan does not fit: the nearest variant that does (see `suggest_fit`):
+    # {"mesh", "global_batch", "grad_accum", "remat", "total_bytes", "flags", "tried"}, or
+    # {"tried": n} when none of the n variants tried fits.
+    suggestion: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -336,6 +340,18 @@ class Plan:
                 lines.append(f"    {kind:20s} {int(c['count']):5d} ops {gib(c['bytes'])}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.suggestion and "flags" in self.suggestion:
+            g = self.suggestion
+            lines.append(
+                f"  nearest plan that fits: {g['flags']}  ({g['total_bytes'] / GiB:.1f} GiB per "
+                f"chip of {self.hbm_bytes / GiB:.0f}; {g['tried']} variants compiled)"
+            )
+        elif self.suggestion:
+            lines.append(
+                f"  nearest plan that fits: none of the {self.suggestion['tried']} variants "
+                "tried (all chips on fsdp, remat=full, one sequence per batch shard, gradient "
+                "accumulation) fits: use a bigger slice or a shorter sequence"
+            )
         return "\n".join(lines)
 
 
@@ -650,6 +666,111 @@ def plan(
     )
 
 
+# ---------------------------------------------------------------------------- fit search
+def fit_candidates(exp: ExperimentConfig, num_chips: int, mode: str) -> list[ExperimentConfig]:
+    """Variants of `exp` to try when it does not fit, nearest first.
+
+    Changes, alone then combined: a smaller per-chip micro-batch (for training the same global
+    batch with more gradient accumulation, else one sequence per batch shard), every chip on
+    fsdp (tensor=1, data=1, `sequence` kept), remat=full (train). Variants whose batch does
+    not split over their mesh are left out.
+    """
+    m = exp.mesh
+    meshes = [m]
+    all_fsdp = MeshConfig(data=1, fsdp=-1, tensor=1, sequence=m.sequence, rules=m.rules)
+    if sh.resolve_mesh_shape(m.axis_sizes, num_chips) != sh.resolve_mesh_shape(
+        all_fsdp.axis_sizes, num_chips
+    ):
+        meshes.append(all_fsdp)
+    remats = [exp.runtime.remat]
+    if mode == "train" and exp.runtime.remat != Remat.FULL:
+        remats.append(Remat.FULL)
+    b, a = exp.train.batch_size, exp.train.grad_accum if mode == "train" else 1
+    out, seen = [], set()
+    for mesh_cfg in meshes:
+        sizes = sh.resolve_mesh_shape(mesh_cfg.axis_sizes, num_chips)
+        shards = sizes["data"] * sizes["fsdp"]  # the batch axes of every rules table
+        batches = [(b, a)]
+        if mode == "train":
+            accum = a * 2
+            while b % accum == 0 and (b // accum) % shards == 0:
+                batches.append((b, accum))  # same global batch, smaller micro-batches
+                accum *= 2
+        if (shards, 1) not in batches:
+            batches.append((shards, 1))  # one sequence per batch shard
+        for remat in remats:
+            for bb, aa in batches:
+                if (bb // aa) % shards or bb % aa:
+                    continue
+                key = (tuple(sorted(sizes.items())), remat, bb, aa)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(
+                    exp.replace(
+                        mesh=mesh_cfg,
+                        runtime=exp.runtime.replace(remat=remat),
+                        train=dataclasses.replace(exp.train, batch_size=bb, grad_accum=aa),
+                    )
+                )
+
+    def distance(e):
+        # Fewest changes first; among equals, cheapest first: more gradient accumulation (the
+        # same step, in smaller pieces), then the mesh, then remat=full (recompute), and a
+        # smaller global batch (a different recipe) last.
+        shrunk = e.train.batch_size != b
+        remat = e.runtime.remat != exp.runtime.remat
+        mesh = e.mesh != m
+        changed = shrunk + remat + mesh + (e.train.grad_accum != a and not shrunk)
+        return (changed, shrunk, remat, mesh, e.train.grad_accum)
+
+    return sorted(out[1:], key=distance)  # out[0] is `exp` itself
+
+
+def _flags(exp: ExperimentConfig, num_chips: int, mode: str) -> str:
+    sizes = sh.resolve_mesh_shape(exp.mesh.axis_sizes, num_chips)
+    mesh = " ".join(f"{k}={v}" for k, v in sizes.items() if v > 1 or k == "fsdp")
+    out = f"--mesh {mesh} --global-batch {exp.train.batch_size}"
+    if mode == "train":
+        out += f" --set train.grad_accum={exp.train.grad_accum} --remat {exp.runtime.remat.value}"
+    return out
+
+
+def suggest_fit(
+    exp: ExperimentConfig,
+    topology: str,
+    mode: str,
+    *,
+    devices: Sequence | None = None,
+    max_tries: int = 6,
+) -> dict[str, Any]:
+    """Compiles (memory only) the `fit_candidates` nearest first; the first that fits.
+
+    Returns the Plan.suggestion dict. Each try is one compile of the real program (minutes
+    for a 40B model on a small host): at most `max_tries`.
+    """
+    topo = parse_topology(topology)
+    devices = list(devices) if devices is not None else topology_devices(topo)
+    tried = 0
+    for cand in fit_candidates(exp, len(devices), mode)[:max_tries]:
+        tried += 1
+        try:
+            p = plan(cand, topology, mode, count_flops=False, devices=devices)
+        except (sh.MeshError, ConfigError):
+            continue
+        if p.fits:
+            return {
+                "mesh": p.mesh,
+                "global_batch": cand.train.batch_size,
+                "grad_accum": cand.train.grad_accum,
+                "remat": cand.runtime.remat.value,
+                "total_bytes": p.total_bytes,
+                "flags": _flags(cand, len(devices), mode),
+                "tried": tried,
+            }
+    return {"tried": tried}
+
+
 # ---------------------------------------------------------------------------- CLI
 def _parse_mesh(items: Sequence[str]) -> dict[str, int]:
     out = {}
@@ -678,8 +799,9 @@ def build_experiment(args) -> ExperimentConfig:
     train = exp.train
     if args.seq:
         train = dataclasses.replace(train, seq_len=args.seq)
-    if args.global_batch:
-        train = dataclasses.replace(train, batch_size=args.global_batch, grad_accum=1)
+    if args.global_batch:  # one step of that many rows, unless --set train.grad_accum says
+        accum = train.grad_accum if "train.grad_accum" in overrides else 1
+        train = dataclasses.replace(train, batch_size=args.global_batch, grad_accum=accum)
     runtime = exp.runtime
     if args.remat:
         runtime = runtime.replace(remat=Remat(args.remat))
@@ -688,7 +810,7 @@ def build_experiment(args) -> ExperimentConfig:
     return exp.replace(train=train, runtime=runtime)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loopcoder_jax.aot",
         description="Compile a LoopCoder step for a TPU topology on this machine (no TPU "
@@ -707,8 +829,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attn", choices=[a.value for a in AttnImpl])
     p.add_argument("--set", action="append", default=[], help="section.key=value override")
     p.add_argument("--no-flop-count", action="store_true", help="skip the counting compiles")
+    p.add_argument(
+        "--no-suggest",
+        action="store_true",
+        help="when the plan does not fit, do not search (by compiling variants) for the "
+        "nearest mesh / batch / remat that does",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:
         # Compile-only: keep JAX from probing for an attached TPU on this host, and give
         # libtpu's init the values it would otherwise look for (noisily) on a TPU VM.
@@ -718,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         exp = build_experiment(args)
         result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)
+        if not result.fits and not args.no_suggest:
+            result.suggestion = suggest_fit(exp, args.topology, args.mode)
     except (PlannerError, ConfigError, sh.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

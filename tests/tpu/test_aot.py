@@ -279,3 +279,109 @@ def test_flop_count_is_not_cut_by_windowed_einsum():
         windowed[chips] = "windowed_dot_general_body" in plain.as_text()
     assert windowed[8]  # the case this guards against does occur on 8 chips
     assert per_chip[8] == pytest.approx(per_chip[4], rel=0.02)
+
+
+# ---------------------------------------------------------------------------- fit search
+def test_fit_candidates_nearest_first():
+    """The shipped-YAML failure of issue 12: fsdp=8 x tensor=8, 256 sequences in 4 micro-batches
+    of 64, on 64 chips. Single changes come first, each batch splits over its mesh."""
+    exp = ExperimentConfig.from_dict({"model": {"preset": "loop40b"},
+                                      "runtime": {"remat": "dots"}}, {})  # fmt: skip
+    exp = exp.replace(
+        mesh=MeshConfig(data=1, fsdp=8, tensor=8, sequence=1),
+        train=dataclasses.replace(exp.train, batch_size=256, grad_accum=4, seq_len=8192),
+    )
+    cands = aot.fit_candidates(exp, 64, "train")
+    desc = [(c.mesh.fsdp, c.mesh.tensor, c.runtime.remat.value, c.train.batch_size,
+             c.train.grad_accum) for c in cands]  # fmt: skip
+    assert desc[:6] == [
+        (8, 8, "dots", 256, 8),  # same mesh and remat, smaller micro-batches
+        (8, 8, "dots", 256, 16),
+        (8, 8, "dots", 256, 32),
+        (-1, 1, "dots", 256, 4),  # every chip on fsdp only
+        (8, 8, "full", 256, 4),  # remat only
+        (8, 8, "dots", 8, 1),  # a smaller global batch: the last single change
+    ]
+    assert desc.index((-1, 1, "full", 256, 4)) > desc.index((-1, 1, "dots", 256, 4))
+    for c in cands:
+        sizes = aot.sh.resolve_mesh_shape(c.mesh.axis_sizes, 64)
+        assert (c.train.batch_size // c.train.grad_accum) % (sizes["data"] * sizes["fsdp"]) == 0
+    assert (exp.mesh, exp.runtime.remat, 256, 4) not in [
+        (c.mesh, c.runtime.remat, c.train.batch_size, c.train.grad_accum) for c in cands
+    ]
+
+
+def test_suggest_fit_returns_the_first_candidate_that_fits(monkeypatch):
+    """The search itself, with `plan` replaced by a made-up memory model (no compiles)."""
+    exp = _tiny_experiment()
+    exp = exp.replace(train=dataclasses.replace(exp.train, batch_size=32, grad_accum=1))
+    calls = []
+
+    def fake_plan(cand, topology, mode, *, count_flops, devices):
+        calls.append(cand)
+        micro = cand.train.batch_size // cand.train.grad_accum
+        total = micro * (1 if cand.runtime.remat.value == "full" else 3) * aot.GiB
+        return dataclasses.replace(_plan(), temp_bytes=total, argument_bytes=0, output_bytes=0,
+                                   alias_bytes=0, hbm_bytes=12 * aot.GiB, mesh={"fsdp": 4})  # fmt: skip
+
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    g = aot.suggest_fit(exp, "v5e-8", "train", devices=[object()] * 8)
+    # 32 rows over 4 batch shards at 3 GiB a row against 12 GiB: accumulation 2 (16 rows per
+    # micro-batch) and 4 (8 rows) do not fit, 8 (4 rows: 12 GiB) does: the third try.
+    assert [c.train.grad_accum for c in calls] == [2, 4, 8]
+    assert g["tried"] == 3 and g["grad_accum"] == 8 and g["global_batch"] == 32
+    assert g["total_bytes"] == 12 * aot.GiB
+    assert "--global-batch 32 --set train.grad_accum=8" in g["flags"]
+    calls.clear()
+    assert aot.suggest_fit(exp, "v5e-8", "train", devices=[object()] * 8, max_tries=1) == {
+        "tried": 1
+    }
+
+
+@pytest.mark.slow
+def test_plan_that_does_not_fit_names_the_nearest_that_does(monkeypatch):
+    """On the 8 CPU devices (memory analysis works there too), with a made-up HBM size that
+    the given plan exceeds and remat=full plus smaller micro-batches meet."""
+    exp = _tiny_experiment()
+    exp = exp.replace(
+        runtime=exp.runtime.replace(remat="none"),
+        train=dataclasses.replace(exp.train, batch_size=32, grad_accum=1, seq_len=256),
+    )
+    devices = jax.devices()[:8]
+    first = aot.plan(exp, "v5e-8", "train", count_flops=False, devices=devices)
+    want = None
+    for cand in aot.fit_candidates(exp, 8, "train"):
+        total = aot.plan(cand, "v5e-8", "train", count_flops=False, devices=devices).total_bytes
+        if total < first.total_bytes * 0.8:
+            want = (cand, total)
+            break
+    assert want is not None
+    gen = dataclasses.replace(aot.GENERATIONS["v5e"], hbm_bytes=(first.total_bytes + want[1]) // 2)
+    monkeypatch.setitem(aot.GENERATIONS, "v5e", gen)
+    p = aot.plan(exp, "v5e-8", "train", count_flops=False, devices=devices)
+    assert not p.fits
+    p.suggestion = aot.suggest_fit(exp, "v5e-8", "train", devices=devices)
+    g = p.suggestion
+    assert g["total_bytes"] <= gen.hbm_bytes and g["tried"] >= 1
+    assert g["grad_accum"] == want[0].train.grad_accum or g["remat"] == "full"
+    assert "nearest plan that fits: --mesh" in p.report() and "--global-batch" in g["flags"]
+    # nothing fits: says so
+    monkeypatch.setitem(aot.GENERATIONS, "v5e", dataclasses.replace(gen, hbm_bytes=1))
+    p.suggestion = aot.suggest_fit(exp, "v5e-8", "train", devices=devices, max_tries=2)
+    assert p.suggestion == {"tried": 2} and "none of the 2 variants" in p.report()
+
+
+def test_suggested_flags_rebuild_the_suggested_experiment():
+    """The printed flags are a working command: --global-batch keeps an explicit grad_accum."""
+    exp = _tiny_experiment()
+    exp = exp.replace(
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, sequence=1),
+        runtime=exp.runtime.replace(remat="full"),
+        train=dataclasses.replace(exp.train, batch_size=32, grad_accum=4),
+    )
+    flags = aot._flags(exp, 8, "train").split()
+    ns = aot.build_parser().parse_args(["--preset", "tiny", "--topology", "v5e-8", *flags])
+    got = aot.build_experiment(ns)
+    assert got.train.batch_size == 32 and got.train.grad_accum == 4
+    assert got.runtime.remat.value == "full"
+    assert aot.sh.resolve_mesh_shape(got.mesh.axis_sizes, 8)["fsdp"] == 8
