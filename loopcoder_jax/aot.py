@@ -771,6 +771,58 @@ def suggest_fit(
     return {"tried": tried}
 
 
+# ---------------------------------------------------------------------------- remat table
+def remat_table(
+    exp: ExperimentConfig,
+    topology: str,
+    mode: str = "train",
+    *,
+    count_flops: bool = True,
+    devices: Sequence | None = None,
+    policies: Sequence[Remat] | None = None,
+) -> list[tuple[str, Plan | str]]:
+    """One plan per remat policy (all of `Remat` by default): [(policy, Plan or error)].
+
+    A policy the runtime cannot compile (host offload without a pinned_host memory space)
+    gives its error message instead of a plan. FLOPs and time estimates are counted only for
+    the policies that fit (the counting compiles are the expensive part).
+    """
+    topo = parse_topology(topology)
+    devices = list(devices) if devices is not None else topology_devices(topo)
+    out: list[tuple[str, Plan | str]] = []
+    for remat in policies or list(Remat):
+        variant = exp.replace(runtime=exp.runtime.replace(remat=remat))
+        try:
+            p = plan(variant, topology, mode, count_flops=False, devices=devices)
+            if p.fits and count_flops:
+                p = plan(variant, topology, mode, count_flops=True, devices=devices)
+        except (jax.errors.JaxRuntimeError, ValueError, NotImplementedError) as e:
+            out.append((remat.value, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            continue
+        out.append((remat.value, p))
+    return out
+
+
+def format_remat_table(rows: list[tuple[str, Plan | str]]) -> str:
+    lines = [
+        "remat policy           HBM/chip GiB  fits  est. step (s)  MFU causal / full (ESTIMATES)",
+    ]
+    for name, p in rows:
+        if isinstance(p, str):
+            lines.append(f"{name:22s} cannot compile: {p}")
+            continue
+        est = f"{p.optimal_seconds:13.2f}" if p.has_estimate else "  no estimate"
+        mfu = (
+            f"{100 * p.mfu_bound_causal:.1f}% / {100 * p.mfu_bound:.1f}%"
+            if p.mfu_bound_causal is not None
+            else ""
+        )
+        lines.append(
+            f"{name:22s} {p.total_bytes / GiB:12.1f}  {'yes' if p.fits else 'NO ':4s} {est}  {mfu}"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- CLI
 def _parse_mesh(items: Sequence[str]) -> dict[str, int]:
     out = {}
@@ -835,6 +887,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the plan does not fit, do not search (by compiling variants) for the "
         "nearest mesh / batch / remat that does",
     )
+    p.add_argument(
+        "--remat-sweep",
+        action="store_true",
+        help="plan every remat policy (memory for each; FLOPs and time for those that fit) "
+        "and print one row each",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
     return p
 
@@ -847,6 +905,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if args.remat_sweep:
+        try:
+            rows = remat_table(
+                build_experiment(args), args.topology, args.mode,
+                count_flops=not args.no_flop_count,
+            )  # fmt: skip
+        except (PlannerError, ConfigError, sh.MeshError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            for name, r in rows:
+                print(json.dumps({"remat": name, **(r.to_json() if isinstance(r, Plan)
+                                                    else {"error": r})}))  # fmt: skip
+        else:
+            print(format_remat_table(rows))
+        return 0 if any(isinstance(r, Plan) and r.fits for _, r in rows) else 1
     try:
         exp = build_experiment(args)
         result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)

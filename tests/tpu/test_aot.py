@@ -385,3 +385,44 @@ def test_suggested_flags_rebuild_the_suggested_experiment():
     assert got.train.batch_size == 32 and got.train.grad_accum == 4
     assert got.runtime.remat.value == "full"
     assert aot.sh.resolve_mesh_shape(got.mesh.axis_sizes, 8)["fsdp"] == 8
+
+
+# ---------------------------------------------------------------------------- remat table
+def test_remat_table_counts_only_what_fits_and_reports_errors(monkeypatch):
+    calls = []
+
+    def fake_plan(variant, topology, mode, *, count_flops, devices):
+        r = variant.runtime.remat.value
+        calls.append((r, count_flops))
+        if r == "offload_qkv_out":
+            raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: no pinned_host memory space")
+        temp = {"none": 40, "full": 2}.get(r, 10) * GIB
+        return _plan(temp_bytes=temp, remat=r, hbm_bytes=16 * GIB, analytic_flops_causal=5e15,
+                     optimal_seconds=2.0 if count_flops else None)  # fmt: skip
+
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    rows = aot.remat_table(_tiny_experiment(), "v5e-8", devices=[object()] * 8)
+    assert [name for name, _ in rows] == [r.value for r in aot.Remat]
+    got = dict(rows)
+    assert isinstance(got["offload_qkv_out"], str) and "pinned_host" in got["offload_qkv_out"]
+    assert not got["none"].fits and got["none"].optimal_seconds is None
+    assert got["full"].fits and got["full"].optimal_seconds == 2.0
+    assert ("none", True) not in calls and ("full", True) in calls  # count only what fits
+    text = aot.format_remat_table(rows)
+    assert "cannot compile" in text and "no estimate" in text and "MFU causal / full" in text
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_every_remat_policy_compiles_for_tpu():
+    """Each named policy (host offload included) compiles for v5p-8 with head_dim 128."""
+    exp = _tiny_experiment()
+    model = exp.model.replace(
+        hidden_size=256, num_attention_heads=2, num_key_value_heads=2, head_dim=128
+    )
+    exp = exp.replace(model=model, mesh=MeshConfig(data=1, fsdp=4, tensor=1, sequence=1))
+    rows = aot.remat_table(exp, "v5p-8", count_flops=False)
+    errors = {name: p for name, p in rows if isinstance(p, str)}
+    assert errors == {}, errors
+    plans = dict(rows)
+    assert plans["full"].temp_bytes <= plans["none"].temp_bytes
