@@ -192,7 +192,8 @@ def markdown() -> str:
                 latest[r["row"]] = r
     head = (
         "| model | seq | slice | mesh | remat | batch | HBM/chip (GiB) | fits | "
-        "compiled/analytic FLOPs | est. step (s) | est. MFU bound | host compile (s) |\n"
+        "compiled/analytic FLOPs | est. step (s) | est. MFU bound, causal / full | "
+        "host compile (s) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
@@ -206,18 +207,26 @@ def markdown() -> str:
         else:
             hbm = r["hbm_bytes"] / aot.GiB
             ok = _counted(r)
-            ratio = r.get("flops_ratio") if ok else None
             sec = r.get("optimal_seconds") if ok else None
-            mfu = r.get("mfu_bound_estimate") if ok else None
             if sec is not None and sec <= 0:  # v4's cost model: see aot.plan
-                sec = mfu = None
+                sec = None
+            # Both analytic counts recomputed here: older records stored one convention or
+            # the other under the same key.
+            exp = experiment(row)
+            full = aot.analytic_flops(exp, "train")
+            causal = aot.analytic_flops(exp, "train", causal=True)
+            compiled = r.get("compiled_flops_per_chip") if ok else None
+            ratio = compiled * r["num_chips"] / full if compiled else None
+            chips_peak = r["num_chips"] * r["peak_flops_per_chip"]
+            mfu = full / (sec * chips_peak) if sec else None
+            mfu_c = causal / (sec * chips_peak) if sec else None
             total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
             cells = [
                 f"{total / aot.GiB:.1f} / {hbm:.0f}",
                 "yes" if total <= r["hbm_bytes"] else "**no**",
                 f"{ratio:.2f}" if ratio else "n/a",
-                f"{sec:.2f}" if sec else "n/a",
-                f"{100 * mfu:.0f}%" if mfu else "n/a",
+                f"{sec:.2f}" if sec else "no estimate",
+                f"{100 * mfu_c:.1f}% / {100 * mfu:.1f}%" if mfu else "no estimate",
                 f"{r['compile_seconds']:.0f}",
             ]
         lines.append(
