@@ -92,3 +92,20 @@ def test_cached_attention_softmax_in_f32():
     )  # fmt: skip
     err = np.abs(got.astype(np.float64) - want)
     assert err.max() <= 2**-7 * np.abs(v.astype(np.float64)).max(), err.max()
+
+
+def test_prefix_attention_online_softmax_in_f32():
+    """The loop-0 decode kernel: blocks of keys, running max and sums (flash decoding)."""
+    rng = np.random.default_rng(3)
+    b, t, n, kh, s, h = 2, 1, 4, 2, 32, 16
+    q = _bf16(rng.normal(0, 5.0, (b, t, n, h)))
+    k = _bf16(rng.normal(0, 5.0, (b, kh, s, h)))
+    v = _bf16(rng.normal(0, 1, (b, kh, s, h)))
+    lengths = np.array([32, 21], np.int32)
+    got = np.asarray(ref.prefix_attention(*map(jnp.asarray, (q, k, v, lengths)), block=8))
+    want = np.stack(
+        [_attention64(q[i : i + 1], k[i].transpose(1, 0, 2)[None], v[i].transpose(1, 0, 2)[None],
+                      np.arange(s)[None] < lengths[i])[0] for i in range(b)]
+    )  # fmt: skip
+    err = np.abs(got.astype(np.float64) - want)
+    assert err.max() <= 2**-7 * np.abs(v.astype(np.float64)).max(), err.max()
