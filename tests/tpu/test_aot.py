@@ -426,3 +426,17 @@ def test_every_remat_policy_compiles_for_tpu():
     assert errors == {}, errors
     plans = dict(rows)
     assert plans["full"].temp_bytes <= plans["none"].temp_bytes
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_shipped_loop40b_yaml_fits_v5p_128_at_8k():
+    """Shipped configs are working recipes (issue 12): the YAML's own mesh and batch, no
+    flags but the slice and length. ~11 min of host compile on a 2-core box (50.7 GiB)."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "loop40b.yaml")
+    exp = ExperimentConfig.from_yaml(path)
+    exp = exp.replace(train=dataclasses.replace(exp.train, seq_len=8192))
+    p = aot.plan(exp, "v5p-128", "train", count_flops=False)
+    assert p.fits, p.report()
