@@ -4,6 +4,8 @@
     python bench/tpu_plan.py --rows 7b-4k-v5p16   # some rows
     python bench/tpu_plan.py --depth-ratio        # compile time of 14 vs 80 layers
     python bench/tpu_plan.py --markdown           # render the table from the results file
+    python bench/tpu_plan.py --vs-maxtext ~/maxtext --preset dense40b --seq 8192 \
+        --topology v5p-128 --fsdp 64 --remat full  # our estimate next to MaxText's
 
 Each row compiles the real training step (`training.make_train_step`) of an official config
 for a TPU slice with libtpu, on this CPU machine, and appends one JSON line (the planner's
@@ -190,7 +192,8 @@ def markdown() -> str:
                 latest[r["row"]] = r
     head = (
         "| model | seq | slice | mesh | remat | batch | HBM/chip (GiB) | fits | "
-        "compiled/analytic FLOPs | est. step (s) | est. MFU bound | host compile (s) |\n"
+        "compiled/analytic FLOPs | est. step (s) | est. MFU bound, causal / full | "
+        "host compile (s) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
@@ -204,23 +207,187 @@ def markdown() -> str:
         else:
             hbm = r["hbm_bytes"] / aot.GiB
             ok = _counted(r)
-            ratio = r.get("flops_ratio") if ok else None
             sec = r.get("optimal_seconds") if ok else None
-            mfu = r.get("mfu_bound_estimate") if ok else None
             if sec is not None and sec <= 0:  # v4's cost model: see aot.plan
-                sec = mfu = None
+                sec = None
+            # Both analytic counts recomputed here: older records stored one convention or
+            # the other under the same key.
+            exp = experiment(row)
+            full = aot.analytic_flops(exp, "train")
+            causal = aot.analytic_flops(exp, "train", causal=True)
+            compiled = r.get("compiled_flops_per_chip") if ok else None
+            ratio = compiled * r["num_chips"] / full if compiled else None
+            chips_peak = r["num_chips"] * r["peak_flops_per_chip"]
+            mfu = full / (sec * chips_peak) if sec else None
+            mfu_c = causal / (sec * chips_peak) if sec else None
             total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
             cells = [
                 f"{total / aot.GiB:.1f} / {hbm:.0f}",
                 "yes" if total <= r["hbm_bytes"] else "**no**",
                 f"{ratio:.2f}" if ratio else "n/a",
-                f"{sec:.2f}" if sec else "n/a",
-                f"{100 * mfu:.0f}%" if mfu else "n/a",
+                f"{sec:.2f}" if sec else "no estimate",
+                f"{100 * mfu_c:.1f}% / {100 * mfu:.1f}%" if mfu else "no estimate",
                 f"{r['compile_seconds']:.0f}",
             ]
         lines.append(
             f"| {row.preset} | {row.seq // 1024}k | {row.topology} | {mesh} | {row.remat} | "
             f"{row.global_batch} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- vs MaxText
+# Runs inside a child python with the MaxText checkout on sys.path: captures the executable
+# MaxText's train_compile compiles (whatever its version prints) and prints its numbers as
+# one JSON line. argv[1] = checkout, argv[2:] = train_compile's own arguments.
+_MAXTEXT_CHILD = r"""
+import json, os, sys
+root = sys.argv[1]
+for sub in ("src", ""):
+    if os.path.isdir(os.path.join(root, sub)):
+        sys.path.insert(0, os.path.join(root, sub))
+import importlib
+import jax
+mod = None
+for name in ("maxtext.trainers.pre_train.train_compile", "MaxText.train_compile",
+             "train_compile"):
+    try:
+        mod = importlib.import_module(name)
+        break
+    except ImportError:
+        continue
+if mod is None:
+    sys.exit(f"no train_compile module under {root}")
+captured = []
+_compile = jax.stages.Lowered.compile
+def _capture(self, *a, **k):
+    out = _compile(self, *a, **k)
+    captured.append(out)
+    return out
+jax.stages.Lowered.compile = _capture
+try:
+    mod.main(["train_compile.py", *sys.argv[2:]])
+except SystemExit:
+    pass
+if not captured:
+    sys.exit("MaxText's train_compile compiled nothing")
+c = captured[-1]
+ca = c.cost_analysis()
+ca = (ca[0] if isinstance(ca, list) else ca) or {}
+mem = c.memory_analysis()
+import importlib.metadata as md
+def version(pkg):
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+print("MAXTEXT_PLAN " + json.dumps({
+    "flops": ca.get("flops"), "optimal_seconds": ca.get("optimal_seconds"),
+    "bytes_accessed": ca.get("bytes accessed"),
+    "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+    "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+    "jax": jax.__version__, "libtpu": version("libtpu"),
+}))
+"""
+
+
+def find_maxtext_config(checkout: str) -> str:
+    """base.yml of a MaxText checkout (its location moved between versions)."""
+    for rel in ("src/maxtext/configs/base.yml", "src/MaxText/configs/base.yml",
+                "MaxText/configs/base.yml"):  # fmt: skip
+        path = os.path.join(checkout, rel)
+        if os.path.exists(path):
+            return path
+    raise SystemExit(f"{checkout}: no MaxText configs/base.yml; pass a MaxText checkout")
+
+
+def maxtext_args(exp: ExperimentConfig, topology: str, layers: int, extra=()) -> list[str]:
+    """train_compile key=value arguments for the dense Llama shape of `exp` at `layers`
+    unrolled layers, with XLA (dot_product) attention like our counting compiles."""
+    m, tc, mesh = exp.model, exp.train, exp.mesh
+    chips = aot.parse_topology(topology).num_chips
+    return [
+        f"compile_topology={topology}", "compile_topology_num_slices=1",
+        f"base_emb_dim={m.hidden_size}", f"base_num_query_heads={m.num_attention_heads}",
+        f"base_num_kv_heads={m.num_key_value_heads}", f"head_dim={m.head_dim}",
+        f"base_mlp_dim={m.intermediate_size}", f"base_num_decoder_layers={layers}",
+        f"vocab_size={m.vocab_size}", "mlp_activations=['silu','linear']",
+        f"normalization_layer_epsilon={m.rms_norm_eps}",
+        f"logits_via_embedding={str(m.tie_word_embeddings).lower()}",
+        f"max_target_length={tc.seq_len}", f"per_device_batch_size={tc.batch_size / chips:g}",
+        f"ici_fsdp_parallelism={mesh.fsdp}", f"ici_tensor_parallelism={mesh.tensor}",
+        f"ici_data_parallelism={mesh.data}", f"remat_policy={exp.runtime.remat.value}",
+        "scan_layers=false", "attention=dot_product", f"dtype={exp.runtime.dtype}",
+        f"weight_dtype={exp.runtime.param_dtype}", "enable_dropout=false",
+        "dataset_type=synthetic", "enable_checkpointing=false", "run_name=vs_loopcoder",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_maxtext(checkout: str, args: list[str], python: str = sys.executable) -> dict:
+    cmd = [python, "-c", _MAXTEXT_CHILD, checkout, find_maxtext_config(checkout), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
+    for line in p.stdout.splitlines():
+        if line.startswith("MAXTEXT_PLAN "):
+            return json.loads(line[len("MAXTEXT_PLAN ") :])
+    raise SystemExit(f"MaxText's train_compile failed ({' '.join(args)}):\n{p.stderr[-3000:]}")
+
+
+def extrapolate(c1: float | None, c2: float | None, layers: int) -> float | None:
+    """Depth-1/2 compiles extrapolated to `layers`: c1 + (layers - 1) * (c2 - c1)."""
+    return None if c1 is None or c2 is None else c1 + (layers - 1) * (c2 - c1)
+
+
+def vs_maxtext(checkout: str, exp: ExperimentConfig, topology: str, extra=()) -> dict:
+    """Our depth-1/2 extrapolated estimate and MaxText's for the same dense shape, one dict."""
+    layers = exp.model.num_hidden_layers
+    ours = aot.plan(exp, topology, "train", count_flops=True)
+    theirs = [run_maxtext(checkout, maxtext_args(exp, topology, d, extra)) for d in (1, 2)]
+    chips = ours.num_chips
+    bytes_12 = (theirs[0]["bytes_accessed"], theirs[1]["bytes_accessed"])
+    out = {
+        "bench": "tpu_vs_maxtext",
+        "topology": topology,
+        "seq_len": exp.train.seq_len,
+        "global_batch": exp.train.batch_size,
+        "mesh": ours.mesh,
+        "remat": exp.runtime.remat.value,
+        "layers": layers,
+        "loop_num": exp.model.loop_num,
+        "ours_optimal_seconds": ours.optimal_seconds,
+        "ours_flops_per_chip": ours.compiled_flops_per_chip,
+        "ours_total_bytes": ours.total_bytes,
+        "maxtext_optimal_seconds": extrapolate(
+            theirs[0]["optimal_seconds"], theirs[1]["optimal_seconds"], layers
+        ),
+        "maxtext_flops_per_chip": extrapolate(theirs[0]["flops"], theirs[1]["flops"], layers),
+        "maxtext_bytes_accessed_per_layer": None if None in bytes_12 else bytes_12[1] - bytes_12[0],
+        "maxtext_jax": theirs[0]["jax"],
+        "maxtext_libtpu": theirs[0]["libtpu"],
+        "analytic_flops_causal": ours.analytic_flops_causal,
+        "chips": chips,
+    }
+    return out
+
+
+def format_vs_maxtext(r: dict) -> str:
+    sec = lambda s: "no estimate" if not s or s <= 0 else f"{s:.2f} s"
+    tf = lambda f: "n/a" if f is None else f"{f * r['chips'] / 1e12:.0f} TFLOP"
+    lines = [
+        f"train step, {r['topology']}, mesh {r['mesh']}, batch {r['global_batch']} x seq "
+        f"{r['seq_len']}, remat={r['remat']}, {r['layers']} layers (depth-1/2 compiles "
+        "extrapolated: s1 + (L-1)(s2 - s1)); compiler ESTIMATES, not measurements",
+        f"  {'':10s} {'est. step':>12s} {'compiled FLOPs':>16s}",
+        f"  {'ours':10s} {sec(r['ours_optimal_seconds']):>12s} "
+        f"{tf(r['ours_flops_per_chip']):>16s}",
+        f"  {'MaxText':10s} {sec(r['maxtext_optimal_seconds']):>12s} "
+        f"{tf(r['maxtext_flops_per_chip']):>16s}",
+        f"  MaxText ran with jax {r['maxtext_jax']}, libtpu {r['maxtext_libtpu']}",
+    ]
+    if r["loop_num"] > 1:
+        lines.append(
+            f"  note: MaxText has no loop; its column is the dense shape, ours runs "
+            f"{r['loop_num']} loops"
         )
     return "\n".join(lines)
 
@@ -232,8 +399,22 @@ def main() -> None:
     p.add_argument("--depth-ratio", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--splash-vs-xla", action="store_true")
+    p.add_argument("--vs-maxtext", metavar="PATH", help="a MaxText checkout: compile both")
+    p.add_argument("--preset", default="dense40b", help="--vs-maxtext: model preset")
+    p.add_argument("--seq", type=int, default=8192, help="--vs-maxtext: sequence length")
+    p.add_argument("--topology", default="v5p-128", help="--vs-maxtext: slice")
+    p.add_argument("--fsdp", type=int, default=64, help="--vs-maxtext: fsdp (batch = fsdp)")
+    p.add_argument("--remat", default="full", help="--vs-maxtext: remat policy (both sides)")
+    p.add_argument("--maxtext-arg", action="append", default=[],
+                   help="--vs-maxtext: extra key=value for MaxText's train_compile")  # fmt: skip
     args = p.parse_args()
-    if args.markdown:
+    if args.vs_maxtext:
+        row = Row("vs-maxtext", args.preset, args.seq, args.topology, args.fsdp, args.remat,
+                  attn="xla")  # fmt: skip
+        record = vs_maxtext(args.vs_maxtext, experiment(row), args.topology, args.maxtext_arg)
+        _append(record)
+        print(format_vs_maxtext(record))
+    elif args.markdown:
         print(markdown())
     elif args.splash_vs_xla:
         splash_vs_xla()

@@ -226,6 +226,14 @@ class Plan:
     collectives: dict[str, dict[str, float]]
     compile_seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    # The model FLOPs with causal attention counted as (T + 1) / 2 keys per query (MaxText's
+    # convention, T / 2, up to 1/T); `analytic_flops` charges all T keys (what dense XLA
+    # attention computes). None: not computed (equal to analytic_flops for decode).
+    analytic_flops_causal: float | None = None
+    # When this plan does not fit: the nearest variant that does (see `suggest_fit`):
+    # {"mesh", "global_batch", "grad_accum", "remat", "total_bytes", "flags", "tried"}, or
+    # {"tried": n} when none of the n variants tried fits.
+    suggestion: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -245,13 +253,26 @@ class Plan:
         return self.compiled_flops_per_chip * self.num_chips / self.analytic_flops
 
     @property
-    def mfu_bound(self) -> float | None:
-        """Analytic model FLOPs / (estimated step time x peak): an ESTIMATE."""
-        if not self.optimal_seconds:
+    def has_estimate(self) -> bool:
+        """The compiler gave a usable time estimate (absent, zero or negative ones are not:
+        v6e's cost model returns negative times when counting is off)."""
+        return self.optimal_seconds is not None and self.optimal_seconds > 0
+
+    def _mfu(self, model_flops: float | None) -> float | None:
+        if not self.has_estimate or not model_flops:
             return None
-        return self.analytic_flops / (
-            self.optimal_seconds * self.num_chips * self.peak_flops_per_chip
-        )
+        return model_flops / (self.optimal_seconds * self.num_chips * self.peak_flops_per_chip)
+
+    @property
+    def mfu_bound(self) -> float | None:
+        """Full-attention model FLOPs (all T keys per query) / (estimated step time x peak):
+        an ESTIMATE. None without a positive time estimate."""
+        return self._mfu(self.analytic_flops)
+
+    @property
+    def mfu_bound_causal(self) -> float | None:
+        """As `mfu_bound`, with causal model FLOPs (~T/2 keys per query: MaxText's MFU)."""
+        return self._mfu(self.analytic_flops_causal)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -260,6 +281,8 @@ class Plan:
             fits=self.fits,
             flops_ratio=self.flops_ratio,
             mfu_bound_estimate=self.mfu_bound,
+            mfu_bound_causal_estimate=self.mfu_bound_causal,
+            has_estimate=self.has_estimate,
         )
         return out
 
@@ -283,17 +306,37 @@ class Plan:
         if self.peak_bytes:
             lines.append(f"    (compiler's live peak {gib(self.peak_bytes).strip()})")
         total_tf = self.analytic_flops / 1e12
-        lines.append(f"  analytic model FLOPs  {total_tf:10.1f} TFLOP per step (all chips)")
+        lines.append(
+            f"  analytic model FLOPs  {total_tf:10.1f} TFLOP per step (all chips; full "
+            "attention: T keys per query)"
+        )
+        if self.analytic_flops_causal is not None:
+            lines.append(
+                f"                        {self.analytic_flops_causal / 1e12:10.1f} TFLOP per step "
+                "(causal: T/2 keys per query, MaxText's MFU convention)"
+            )
         if self.compiled_flops_per_chip is not None:
             compiled_tf = self.compiled_flops_per_chip * self.num_chips / 1e12
             lines.append(
                 f"  compiled FLOPs        {compiled_tf:10.1f} TFLOP per step "
-                f"(ratio {self.flops_ratio:.2f} x analytic)"
+                f"(ratio {self.flops_ratio:.2f} x analytic full-attention FLOPs)"
             )
-        if self.optimal_seconds:
+        if self.has_estimate:
+            mfu = f"MFU bound {100 * self.mfu_bound:.1f}% on full-attention FLOPs"
+            if self.mfu_bound_causal is not None:
+                mfu = (
+                    f"MFU bound {100 * self.mfu_bound_causal:.1f}% on causal FLOPs, "
+                    f"{100 * self.mfu_bound:.1f}% on full-attention FLOPs"
+                )
             lines.append(
                 f"  compiler estimate     {self.optimal_seconds * 1e3:10.1f} ms per step "
-                f"(ESTIMATE) -> MFU bound {100 * self.mfu_bound:.1f}% (ESTIMATE)"
+                f"(ESTIMATE) -> {mfu} (ESTIMATES)"
+            )
+        else:
+            lines.append(
+                "  compiler estimate     no estimate (the compiler gave "
+                + ("none" if self.optimal_seconds is None else "a non-positive time")
+                + "; count FLOPs, i.e. drop --no-flop-count, for one)"
             )
         if self.collectives:
             lines.append("  collectives in the compiled HLO (loop bodies counted once):")
@@ -301,6 +344,18 @@ class Plan:
                 lines.append(f"    {kind:20s} {int(c['count']):5d} ops {gib(c['bytes'])}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.suggestion and "flags" in self.suggestion:
+            g = self.suggestion
+            lines.append(
+                f"  nearest plan that fits: {g['flags']}  ({g['total_bytes'] / GiB:.1f} GiB per "
+                f"chip of {self.hbm_bytes / GiB:.0f}; {g['tried']} variants compiled)"
+            )
+        elif self.suggestion:
+            lines.append(
+                f"  nearest plan that fits: none of the {self.suggestion['tried']} variants "
+                "tried (all chips on fsdp, remat=full, one sequence per batch shard, gradient "
+                "accumulation) fits: use a bigger slice or a shorter sequence"
+            )
         return "\n".join(lines)
 
 
@@ -434,13 +489,17 @@ def _cost(compiled) -> tuple[float | None, float | None]:
     return ca.get("flops"), ca.get("optimal_seconds")
 
 
-def analytic_flops(exp: ExperimentConfig, mode: str) -> float:
-    """Model FLOPs of one step (flops.py conventions: causal pairs, no remat)."""
+def analytic_flops(exp: ExperimentConfig, mode: str, *, causal: bool = False) -> float:
+    """Model FLOPs of one step (flops.py conventions, no remat recompute).
+
+    causal=False charges every query all T keys of the causal branches (what dense XLA
+    attention computes); True charges (T + 1) / 2 (the causal half: MaxText's MFU count).
+    Decode reads the whole cache either way."""
     cfg, b, t = exp.model, exp.train.batch_size, exp.train.seq_len
     if mode == "train":
-        return float(flops_lib.train_flops(cfg, b, t))
+        return float(flops_lib.train_flops(cfg, b, t, causal_dense=not causal))
     if mode == "prefill":
-        return float(flops_lib.forward_flops(cfg, b, t))
+        return float(flops_lib.forward_flops(cfg, b, t, causal_dense=not causal))
     # decode: one token per row against a full cache of t positions
     per_pair = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
     pairs = cfg.loop_num * t + (cfg.loop_num - 1) * min(cfg.loop_window_size, t)
@@ -501,6 +560,7 @@ def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
         hbm_bytes=topo.generation.hbm_bytes,
         compiled_flops_per_chip=None,
         analytic_flops=analytic_flops(exp, mode),
+        analytic_flops_causal=analytic_flops(exp, mode, causal=True),
         optimal_seconds=None,
         peak_flops_per_chip=topo.generation.peak_flops,
         collectives={},
@@ -601,12 +661,170 @@ def plan(
         hbm_bytes=topo.generation.hbm_bytes,
         compiled_flops_per_chip=flops_per_chip,
         analytic_flops=analytic_flops(exp, mode),
+        analytic_flops_causal=analytic_flops(exp, mode, causal=True),
         optimal_seconds=seconds,
         peak_flops_per_chip=topo.generation.peak_flops,
         collectives=collectives_in_hlo(hlo),
         compile_seconds=compile_seconds,
         notes=notes,
     )
+
+
+# ---------------------------------------------------------------------------- fit search
+def fit_candidates(exp: ExperimentConfig, num_chips: int, mode: str) -> list[ExperimentConfig]:
+    """Variants of `exp` to try when it does not fit, nearest first.
+
+    Changes, alone then combined: a smaller per-chip micro-batch (for training the same global
+    batch with more gradient accumulation, else one sequence per batch shard), every chip on
+    fsdp (tensor=1, data=1, `sequence` kept), remat=full (train). Variants whose batch does
+    not split over their mesh are left out.
+    """
+    m = exp.mesh
+    meshes = [m]
+    all_fsdp = MeshConfig(data=1, fsdp=-1, tensor=1, sequence=m.sequence, rules=m.rules)
+    if sh.resolve_mesh_shape(m.axis_sizes, num_chips) != sh.resolve_mesh_shape(
+        all_fsdp.axis_sizes, num_chips
+    ):
+        meshes.append(all_fsdp)
+    remats = [exp.runtime.remat]
+    if mode == "train" and exp.runtime.remat != Remat.FULL:
+        remats.append(Remat.FULL)
+    b, a = exp.train.batch_size, exp.train.grad_accum if mode == "train" else 1
+    out, seen = [], set()
+    for mesh_cfg in meshes:
+        sizes = sh.resolve_mesh_shape(mesh_cfg.axis_sizes, num_chips)
+        shards = sizes["data"] * sizes["fsdp"]  # the batch axes of every rules table
+        batches = [(b, a)]
+        if mode == "train":
+            accum = a * 2
+            while b % accum == 0 and (b // accum) % shards == 0:
+                batches.append((b, accum))  # same global batch, smaller micro-batches
+                accum *= 2
+        if (shards, 1) not in batches:
+            batches.append((shards, 1))  # one sequence per batch shard
+        for remat in remats:
+            for bb, aa in batches:
+                if (bb // aa) % shards or bb % aa:
+                    continue
+                key = (tuple(sorted(sizes.items())), remat, bb, aa)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(
+                    exp.replace(
+                        mesh=mesh_cfg,
+                        runtime=exp.runtime.replace(remat=remat),
+                        train=dataclasses.replace(exp.train, batch_size=bb, grad_accum=aa),
+                    )
+                )
+
+    def distance(e):
+        # Fewest changes first; among equals, cheapest first: more gradient accumulation (the
+        # same step, in smaller pieces), then the mesh, then remat=full (recompute), and a
+        # smaller global batch (a different recipe) last.
+        shrunk = e.train.batch_size != b
+        remat = e.runtime.remat != exp.runtime.remat
+        mesh = e.mesh != m
+        changed = shrunk + remat + mesh + (e.train.grad_accum != a and not shrunk)
+        return (changed, shrunk, remat, mesh, e.train.grad_accum)
+
+    return sorted(out[1:], key=distance)  # out[0] is `exp` itself
+
+
+def _flags(exp: ExperimentConfig, num_chips: int, mode: str) -> str:
+    sizes = sh.resolve_mesh_shape(exp.mesh.axis_sizes, num_chips)
+    mesh = " ".join(f"{k}={v}" for k, v in sizes.items() if v > 1 or k == "fsdp")
+    out = f"--mesh {mesh} --global-batch {exp.train.batch_size}"
+    if mode == "train":
+        out += f" --set train.grad_accum={exp.train.grad_accum} --remat {exp.runtime.remat.value}"
+    return out
+
+
+def suggest_fit(
+    exp: ExperimentConfig,
+    topology: str,
+    mode: str,
+    *,
+    devices: Sequence | None = None,
+    max_tries: int = 6,
+) -> dict[str, Any]:
+    """Compiles (memory only) the `fit_candidates` nearest first; the first that fits.
+
+    Returns the Plan.suggestion dict. Each try is one compile of the real program (minutes
+    for a 40B model on a small host): at most `max_tries`.
+    """
+    topo = parse_topology(topology)
+    devices = list(devices) if devices is not None else topology_devices(topo)
+    tried = 0
+    for cand in fit_candidates(exp, len(devices), mode)[:max_tries]:
+        tried += 1
+        try:
+            p = plan(cand, topology, mode, count_flops=False, devices=devices)
+        except (sh.MeshError, ConfigError):
+            continue
+        if p.fits:
+            return {
+                "mesh": p.mesh,
+                "global_batch": cand.train.batch_size,
+                "grad_accum": cand.train.grad_accum,
+                "remat": cand.runtime.remat.value,
+                "total_bytes": p.total_bytes,
+                "flags": _flags(cand, len(devices), mode),
+                "tried": tried,
+            }
+    return {"tried": tried}
+
+
+# ---------------------------------------------------------------------------- remat table
+def remat_table(
+    exp: ExperimentConfig,
+    topology: str,
+    mode: str = "train",
+    *,
+    count_flops: bool = True,
+    devices: Sequence | None = None,
+    policies: Sequence[Remat] | None = None,
+) -> list[tuple[str, Plan | str]]:
+    """One plan per remat policy (all of `Remat` by default): [(policy, Plan or error)].
+
+    A policy the runtime cannot compile (host offload without a pinned_host memory space)
+    gives its error message instead of a plan. FLOPs and time estimates are counted only for
+    the policies that fit (the counting compiles are the expensive part).
+    """
+    topo = parse_topology(topology)
+    devices = list(devices) if devices is not None else topology_devices(topo)
+    out: list[tuple[str, Plan | str]] = []
+    for remat in policies or list(Remat):
+        variant = exp.replace(runtime=exp.runtime.replace(remat=remat))
+        try:
+            p = plan(variant, topology, mode, count_flops=False, devices=devices)
+            if p.fits and count_flops:
+                p = plan(variant, topology, mode, count_flops=True, devices=devices)
+        except (jax.errors.JaxRuntimeError, ValueError, NotImplementedError) as e:
+            out.append((remat.value, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            continue
+        out.append((remat.value, p))
+    return out
+
+
+def format_remat_table(rows: list[tuple[str, Plan | str]]) -> str:
+    lines = [
+        "remat policy           HBM/chip GiB  fits  est. step (s)  MFU causal / full (ESTIMATES)",
+    ]
+    for name, p in rows:
+        if isinstance(p, str):
+            lines.append(f"{name:22s} cannot compile: {p}")
+            continue
+        est = f"{p.optimal_seconds:13.2f}" if p.has_estimate else "  no estimate"
+        mfu = (
+            f"{100 * p.mfu_bound_causal:.1f}% / {100 * p.mfu_bound:.1f}%"
+            if p.mfu_bound_causal is not None
+            else ""
+        )
+        lines.append(
+            f"{name:22s} {p.total_bytes / GiB:12.1f}  {'yes' if p.fits else 'NO ':4s} {est}  {mfu}"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -637,8 +855,9 @@ def build_experiment(args) -> ExperimentConfig:
     train = exp.train
     if args.seq:
         train = dataclasses.replace(train, seq_len=args.seq)
-    if args.global_batch:
-        train = dataclasses.replace(train, batch_size=args.global_batch, grad_accum=1)
+    if args.global_batch:  # one step of that many rows, unless --set train.grad_accum says
+        accum = train.grad_accum if "train.grad_accum" in overrides else 1
+        train = dataclasses.replace(train, batch_size=args.global_batch, grad_accum=accum)
     runtime = exp.runtime
     if args.remat:
         runtime = runtime.replace(remat=Remat(args.remat))
@@ -690,6 +909,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], help="section.key=value override (repeatable)"
     )
     p.add_argument("--no-flop-count", action="store_true", help="skip the counting compiles")
+    p.add_argument(
+        "--no-suggest",
+        action="store_true",
+        help="when the plan does not fit, do not search (by compiling variants) for the "
+        "nearest mesh / batch / remat that does",
+    )
+    p.add_argument(
+        "--remat-sweep",
+        action="store_true",
+        help="plan every remat policy (memory for each; FLOPs and time for those that fit) "
+        "and print one row each",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
     return p
 
@@ -701,9 +932,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Compile-only: keep JAX from probing for an attached TPU on this host (libtpu gets
         # its host settings in `topology_devices`).
         jax.config.update("jax_platforms", "cpu")
+    if args.remat_sweep:
+        try:
+            rows = remat_table(
+                build_experiment(args), args.topology, args.mode,
+                count_flops=not args.no_flop_count,
+            )  # fmt: skip
+        except (PlannerError, ConfigError, sh.MeshError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            for name, r in rows:
+                print(json.dumps({"remat": name, **(r.to_json() if isinstance(r, Plan)
+                                                    else {"error": r})}))  # fmt: skip
+        else:
+            print(format_remat_table(rows))
+        return 0 if any(isinstance(r, Plan) and r.fits for _, r in rows) else 1
     try:
         exp = build_experiment(args)
         result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)
+        if not result.fits and not args.no_suggest:
+            result.suggestion = suggest_fit(exp, args.topology, args.mode)
     except (PlannerError, ConfigError, sh.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -255,6 +255,14 @@ class Remat(enum.Enum):
     NONE = "none"  # save everything: fastest, most memory
     FULL = "full"  # save only the layer inputs; recompute the whole layer
     DOTS = "dots"  # save matmul outputs without batch dims; recompute elementwise ops
+    # Named policies (MaxText-style): save only the tagged activations of each layer and
+    # recompute the rest (tags in model/layers.py: REMAT_QKV, REMAT_OUT, REMAT_MLP_IN).
+    SAVE_QKV = "save_qkv"  # the q/k/v projection outputs
+    SAVE_QKV_OUT = "save_qkv_out"  # + the attention output projection
+    SAVE_QKV_OUT_MLP_IN = "save_qkv_out_mlp_in"  # + the MLP input (post-attention norm)
+    # As save_qkv_out, but the saved activations live in host memory between the forward
+    # and the backward pass (TPU; a runtime without a pinned_host memory space refuses it).
+    OFFLOAD_QKV_OUT = "offload_qkv_out"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from loopcoder_jax.config import ModelConfig  # noqa: E402
+from tests._strict_deps import (  # noqa: E402, F401 - hooks: on CI a missing dependency fails
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)
 
 
 def _skip_unless_backend(item, marker: str):

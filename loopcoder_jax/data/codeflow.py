@@ -18,8 +18,9 @@ layouts in docs/codeflow.md):
 FIM splits are either a random character span or a run of whole lines (`line_fim_rate`).
 
 Safety: nothing from a repository is executed. Every git call runs with the system and global
-config ignored, hooks, fsmonitor, textconv and external diff drivers disabled, and reads objects
-only (never the work tree). Paths from git output are read NUL-separated (`-z`) and validated:
+config ignored, hooks, fsmonitor, textconv and external diff drivers disabled, every transport
+refused (no fetch, lazy or not; partial clones are refused outright), and reads objects only
+(never the work tree). Paths from git output are read NUL-separated (`-z`) and validated:
 absolute paths, `.`/`..`/`.git` components, control characters and non-UTF-8 names are skipped.
 Symlinks and submodules are skipped, never followed.
 
@@ -213,6 +214,13 @@ _GIT_SAFE_CONFIG = (
     "diff.relative=false",
     "diff.orderFile=/dev/null",
     "color.ui=never",
+    # No transport, ever: a partial clone fetches missing blobs lazily through the promisor
+    # remote, which runs the repository's `remote.<name>.uploadpack` / `core.sshCommand`.
+    # The per-protocol keys are set too because the repository's own `protocol.<name>.allow`
+    # would override a bare `protocol.allow`; GIT_ALLOW_PROTOCOL (see _git_env) wins over all.
+    "protocol.allow=never",
+    *(f"protocol.{name}.allow=never" for name in ("file", "git", "ssh", "http", "https", "ext")),
+    "fetch.recurseSubmodules=false",
 )
 _DIFF_FLAGS = (
     "--no-color",
@@ -238,6 +246,11 @@ def _git_env() -> dict[str, str]:
         GIT_OPTIONAL_LOCKS="0",
         GIT_ATTR_NOSYSTEM="1",
         GIT_PAGER="cat",
+        # An empty allow-list: every transport refused, whatever any config says.
+        GIT_ALLOW_PROTOCOL="",
+        # git >= 2.45: never fetch a missing object lazily (older gits ignore it; the
+        # transports are refused above either way).
+        GIT_NO_LAZY_FETCH="1",
         LC_ALL="C",
     )
     return env
@@ -260,6 +273,29 @@ class Git:
                 f"{self.repo} is not a git repository (git said: "
                 f"{e.stderr.decode(errors='replace').strip()}). Pass the repository root."
             ) from None
+        self._refuse_partial_clone()
+
+    def _refuse_partial_clone(self) -> None:
+        """A partial (promisor) clone lacks objects that git would fetch on first read,
+        running the transport the repository's config names: refuse to read one at all."""
+        # --git-path: the object store of a linked worktree lives in the main repository
+        pack_dir = self.run("rev-parse", "--git-path", "objects/pack").decode().strip()
+        pack_dir = os.path.join(self.repo, pack_dir)
+        promisor_packs = os.path.isdir(pack_dir) and any(
+            name.endswith(".promisor") for name in os.listdir(pack_dir)
+        )
+        try:  # exit status 1 = no such key
+            keys = r"^(extensions\.partialclone|remote\..*\.promisor)$"
+            config = self.run("config", "--local", "--get-regexp", keys).decode(errors="replace")
+        except subprocess.CalledProcessError:
+            config = ""
+        if promisor_packs or config.strip():
+            raise CodeFlowError(
+                f"{self.repo} is a partial clone (objects are fetched from a promisor remote on "
+                "first read, which would run commands the repository's config names); the "
+                "code-flow builder reads only complete repositories. Clone it again without "
+                "--filter (git clone <url> <dir>) and pass that clone."
+            )
 
     def run(self, *args: str, input: bytes | None = None) -> bytes:
         cmd = ["git", "--no-pager"]

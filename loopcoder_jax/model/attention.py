@@ -15,11 +15,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from loopcoder_jax import kernels
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.config import AttnImpl
-from loopcoder_jax.model.layers import Einsum, apply_rope
+from loopcoder_jax.model.layers import REMAT_OUT, REMAT_QKV, Einsum, apply_rope
 
 Dtype = Any
 
@@ -105,16 +106,17 @@ class Attention(nn.Module):
         self.loop_gate = LoopGate(n, h, self.gate_type, param_dtype=self.param_dtype)
 
     def _qkv(self, x, cos, sin):
-        q = apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
-        k = apply_rope(self.k_proj(x), cos, sin)  # [B, T, K, H]
-        v = self.v_proj(x)
+        named = lambda y: checkpoint_name(y, REMAT_QKV)  # remat policies
+        q = apply_rope(named(self.q_proj(x)), cos, sin)  # [B, T, N, H]
+        k = apply_rope(named(self.k_proj(x)), cos, sin)  # [B, T, K, H]
+        v = named(self.v_proj(x))
         q = nn.with_logical_constraint(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         k = nn.with_logical_constraint(k, (sh.BATCH, sh.LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM))
         v = nn.with_logical_constraint(v, (sh.BATCH, sh.LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM))
         return q, k, v
 
     def _out(self, a):
-        out = self.o_proj(a)
+        out = checkpoint_name(self.o_proj(a), REMAT_OUT)
         return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
     def __call__(self, x, cos, sin, *, loop_idx: int, segment_ids=None, shared_kv=None):

@@ -15,6 +15,12 @@ from loopcoder_jax import sharding as sh
 
 Dtype = Any
 
+# Names of the activations a named remat policy can save (`config.Remat`, the policies in
+# model/loopcoder.py): tagged with `jax.ad_checkpoint.checkpoint_name` where they are made.
+REMAT_QKV = "qkv_proj"  # q, k, v projection outputs [B, T, N|K, H] (before RoPE)
+REMAT_OUT = "out_proj"  # attention output projection [B, T, D]
+REMAT_MLP_IN = "mlp_in"  # post-attention RMSNorm output, the MLP's input [B, T, D]
+
 
 def ones_init(key, shape, dtype=jnp.float32):
     del key

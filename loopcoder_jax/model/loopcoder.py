@@ -21,12 +21,20 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.cache import LoopCache
 from loopcoder_jax.config import AttnImpl, ModelConfig, Remat, RuntimeConfig
 from loopcoder_jax.model.attention import Attention
-from loopcoder_jax.model.layers import MLP, RMSNorm, rope_frequencies
+from loopcoder_jax.model.layers import (
+    MLP,
+    REMAT_MLP_IN,
+    REMAT_OUT,
+    REMAT_QKV,
+    RMSNorm,
+    rope_frequencies,
+)
 
 
 class DecoderLayer(nn.Module):
@@ -75,7 +83,8 @@ class DecoderLayer(nn.Module):
         )
 
     def _mlp_block(self, h):
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        y = checkpoint_name(self.post_attention_layernorm(h), REMAT_MLP_IN)
+        h = h + self.mlp(y)
         return nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
     def __call__(self, h, cos, sin, *, loop_idx: int, segment_ids=None, shared_kv=None):
@@ -143,9 +152,19 @@ def _scale_grad_bwd(scale, g):
 
 _scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
+_save = jax.checkpoint_policies.save_only_these_names
 _REMAT_POLICIES = {
     Remat.FULL: jax.checkpoint_policies.nothing_saveable,
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    Remat.SAVE_QKV: _save(REMAT_QKV),
+    Remat.SAVE_QKV_OUT: _save(REMAT_QKV, REMAT_OUT),
+    Remat.SAVE_QKV_OUT_MLP_IN: _save(REMAT_QKV, REMAT_OUT, REMAT_MLP_IN),
+    Remat.OFFLOAD_QKV_OUT: jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[REMAT_QKV, REMAT_OUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 

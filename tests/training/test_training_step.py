@@ -195,7 +195,10 @@ def test_bptt_grad_scale_changes_grads_not_loss(cfg, params, batches):
     assert not np.allclose(e1, e0)
 
 
-@pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "remat",
+    ["full", *(pytest.param(r, marks=pytest.mark.slow) for r in ("dots", "save_qkv_out_mlp_in"))],
+)
 def test_remat_policy_same_grads(cfg, params, batches, remat):
     b = batches[0]
     grads = {}
