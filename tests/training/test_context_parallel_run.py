@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from loopcoder_jax import trainer
 from loopcoder_jax.config import ExperimentConfig
@@ -37,6 +38,7 @@ def _losses(run_dir):
         return [json.loads(line)["loss"] for line in f]
 
 
+@pytest.mark.slow  # three trainer runs, ~50 s of compiles on a quiet 2-core box
 def test_sequence_sharded_run_resumes_exactly(tmp_path):
     devices = jax.devices()[:2]
     straight = tmp_path / "cp_straight"
