@@ -573,6 +573,21 @@ def _oom_plan(exp, topo, devices, mesh, mode, temp_bytes, seconds) -> Plan:
     )
 
 
+def _context_parallel_notes(exp: ExperimentConfig, mesh: Mesh, rules) -> list[str]:
+    """What context parallelism (the sequence sharded) does to each chip's share of a step."""
+    axes = sh.batch_spec(rules)[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n == 1:
+        return []
+    t, b = exp.train.seq_len, exp.train.batch_size
+    per_chip = b * t // math.prod(mesh.shape.values())
+    return [
+        f"context parallel: each sequence is split {n} ways ({t // n} positions per chip); "
+        f"{per_chip} tokens per chip per step (kernels/context_parallel.py)"
+    ]
+
+
 def plan(
     exp: ExperimentConfig,
     topology: str,
@@ -598,7 +613,7 @@ def plan(
     devices = list(devices) if devices is not None else topology_devices(topo)
     mesh = sh.make_mesh(exp.mesh, devices)
     rules = sh.get_rules(exp.mesh.rules)
-    notes = []
+    notes = _context_parallel_notes(exp, mesh, rules)
     t0 = time.perf_counter()
     lowered = _lower(exp, mesh, rules, mode)
     try:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.config import TrainConfig
+from loopcoder_jax.kernels import context_parallel
 from loopcoder_jax.model import LoopCoder
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -125,9 +126,9 @@ def chunked_cross_entropy(
 ):
     """Masked next-token cross-entropy from final hidden states, never holding [B, T, V].
 
-    The LM head is applied to `chunk` positions at a time inside a `lax.scan`; each chunk's
-    f32 logits [B, C, V] are rematerialised in the backward pass (`jax.checkpoint`), so peak
-    memory is one chunk's logits rather than all T positions'.
+    The LM head is applied to `chunk` positions at a time (per sequence shard) inside a
+    `lax.scan`; each chunk's f32 logits [B, C, V] are rematerialised in the backward pass
+    (`jax.checkpoint`), so peak memory is one chunk's logits rather than all T positions'.
 
     Args:
       hidden: [B, T, D] final-normed hidden states.
@@ -139,15 +140,21 @@ def chunked_cross_entropy(
       (sum of masked CE, sum of masked z-loss terms), f32 scalars.
     """
     b, t, d = hidden.shape
-    c = _chunk_size(t, chunk)
-    n = t // c
+    # With the sequence sharded S ways (context parallelism), each chip chunks its own part:
+    # step j takes chunk j of every shard, so no chip gathers the sequence or computes
+    # another chip's logits. S = 1 otherwise.
+    s = context_parallel.sequence_shards()
+    s = s if t % s == 0 else 1
+    c = _chunk_size(t // s, chunk)
+    n = t // s // c
 
-    def to_chunks(x):  # [B, T, ...] -> [T/C, B, C, ...]
-        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+    def to_chunks(x):  # [B, T, ...] -> [n, B, S*C, ...] (T = S * n * C, shard-major)
+        x = jnp.moveaxis(x.reshape(b, s, n, c, *x.shape[2:]), 2, 0)
+        return x.reshape(n, b, s * c, *x.shape[4:])
 
     @jax.checkpoint
     def one_chunk(params, h, tgt, m):
-        logits = model.apply({"params": params}, h, method=LoopCoder.logits)  # f32 [B, C, V]
+        logits = model.apply({"params": params}, h, method=LoopCoder.logits)  # f32 [B, SC, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         # one-hot contraction rather than a gather: stays local when V is sharded
         tgt_logit = jnp.einsum("bcv,bcv->bc", logits, jax.nn.one_hot(tgt, logits.shape[-1]))

@@ -4,7 +4,9 @@ Splash attention skips the blocks a mask rules out, so the loop >= 1 local branc
 O(T * W) and the causal branches about half of dense attention (DESIGN.md §3). It is a Pallas
 TPU kernel over ONE example and a slice of heads, so it runs inside `jax.shard_map`: batch is
 split over whatever mesh axes the rules give `batch` (data, fsdp) and heads over the axes of
-`act_heads` (tensor); the sequence stays whole inside each shard.
+`act_heads` (tensor); the sequence stays whole inside each shard, unless the mesh shards it
+(`mesh.sequence > 1`): then `kernels/context_parallel.py` runs the kernel on each chip's chunk
+of queries against the gathered keys (causal) or a halo band (local).
 
 Where the mesh comes from: the mesh set with `jax.set_mesh(mesh)` (preferred), else the legacy
 `with mesh:` context; the logical rules from `flax.linen.logical_axis_rules`. With no mesh (one
@@ -32,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.sharding import PartitionSpec
 
 from loopcoder_jax import sharding as sh
+from loopcoder_jax.config import AttnImpl
 from loopcoder_jax.kernels.reference import Causal, LocalWindow, MaskSpec
 
 # The kernel tiles the key axis in multiples of 128 lanes.
@@ -60,8 +63,12 @@ def unsupported_reason(q_shape, k_shape, mesh=None, rules=None) -> str | None:
     mesh = _current_mesh() if mesh is None else mesh
     if mesh is not None:
         rules = _current_rules() if rules is None else rules
-        if _axis_size(mesh, _mesh_axes(sh.LENGTH, rules)) > 1:
-            return "the sequence is sharded (context parallelism); splash needs whole sequences"
+        seq = _axis_size(mesh, _mesh_axes(sh.LENGTH, rules))
+        if seq > 1 and (t % seq or (t // seq) % _LANES):
+            return (
+                f"the {seq}-way sharded sequence (context parallelism) leaves chunks of "
+                f"{t / seq:g} positions, not a multiple of {_LANES}"
+            )
         batch = _axis_size(mesh, _mesh_axes(sh.BATCH, rules))
         if b % batch:
             return f"batch {b} does not split over the {batch}-way batch sharding"
@@ -107,6 +114,12 @@ def attention(
         raise SplashUnsupported(f"splash attention cannot run: {reason}. Use attn_impl=xla.")
     if interpret is None:
         interpret = mesh_platform() != "tpu"
+    if mesh is not None and _axis_size(mesh, _mesh_axes(sh.LENGTH, rules)) > 1:
+        from loopcoder_jax.kernels import context_parallel  # the sequence is sharded
+
+        return context_parallel.attention(
+            q, k, v, mask, segment_ids, AttnImpl.SPLASH, interpret=interpret
+        )
     t = q.shape[1]
     block_q = block_q or _block(t, _MAX_BLOCK)
     # The local band is only W keys wide: a small kv tile skips more of the masked square.
@@ -177,7 +190,13 @@ def _splash_mask(mask: MaskSpec, t: int):
 def _make_kernel(mask: MaskSpec, t: int, num_heads: int, block_q, block_kv, interpret):
     """Builds the kernel for one trace. Not cached across traces: it holds arrays created
     in the trace it was built in (its block-sparsity tables are numpy work, done per trace)."""
-    per_head = _splash_mask(mask, t)
+    return _make_kernel_for(_splash_mask(mask, t), num_heads, block_q, block_kv, interpret)
+
+
+def _make_kernel_for(per_head, num_heads: int, block_q, block_kv, interpret, q_seq_shards=1):
+    """The kernel for one splash mask shared by all heads. `q_seq_shards` > 1: its
+    block-sparsity tables cover the whole query axis and are sharded with the queries
+    (`context_parallel`: each sequence shard gets its own rows of the mask)."""
     sizes = splash_kernel.BlockSizes(
         block_q=block_q,
         block_kv=block_kv,
@@ -192,7 +211,7 @@ def _make_kernel(mask: MaskSpec, t: int, num_heads: int, block_q, block_kv, inte
         splash_mask.MultiHeadMask([per_head] * num_heads),
         block_sizes=sizes,
         head_shards=1,
-        q_seq_shards=1,
+        q_seq_shards=q_seq_shards,
         interpret=interpret,
     )
 

@@ -151,8 +151,12 @@ def one_device_run(cfg, params, batches):
 
 @pytest.mark.parametrize(
     "mesh_cfg",
-    [MeshConfig(data=1, fsdp=4, tensor=2), MeshConfig(data=2, fsdp=2, tensor=2)],
-    ids=["fsdp4_tensor2", "data2_fsdp2_tensor2"],
+    [
+        MeshConfig(data=1, fsdp=4, tensor=2),
+        MeshConfig(data=2, fsdp=2, tensor=2),
+        MeshConfig(data=1, fsdp=4, tensor=1, sequence=2),  # context parallel
+    ],
+    ids=["fsdp4_tensor2", "data2_fsdp2_tensor2", "fsdp4_sequence2"],
 )
 def test_sharded_losses_equal_one_device(cfg, params, batches, one_device_run, mesh_cfg):
     assert len(jax.devices()) >= 8

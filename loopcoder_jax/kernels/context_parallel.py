@@ -1,0 +1,313 @@
+"""Context parallelism: attention with the sequence sharded over the mesh (DESIGN.md §6).
+
+When the rules map the activations' `length` axis onto mesh axes of size n > 1 (the
+`sequence` axis), every chip holds a contiguous chunk of C = T / n positions of q, k, v and
+the segment ids. `attention` runs inside `jax.shard_map` and fetches only what its chunk
+needs from the other chips:
+
+  * `Causal()` (loop 0, and the global branch of loops >= 1): the keys of ALL earlier
+    positions. K/V and the segment ids are all-gathered over the sequence axes (MaxText's
+    choice; the gather is transient, and with GQA K/V are N/K times smaller than q), and the
+    local queries attend to the whole gathered sequence with their true global offset
+    (shard i holds positions i*C ... i*C + C - 1).
+  * `LocalWindow(W)` (the local branch): only the W positions before the chunk. A halo
+    exchange: shard i receives the last positions of shards i-1, i-2, ... (one
+    `ppermute` per neighbour; several when W > C) and attends over [halo, own chunk], so the
+    branch stays O(T * W) and never gathers the sequence. Shard 0 (and hops past the start
+    of the sequence) get a halo whose segment id matches nothing.
+
+Segment ids travel with the tokens, so no attention crosses a segment, also at shard
+boundaries; RoPE was applied before (q and k carry their true positions).
+
+Kernels inside the shard: the XLA reference core (`kernels/reference.py`) on every backend,
+or splash (Pallas, TPU) with the right mask offsets: the causal kernel is built for the
+whole [T, T] mask with `q_seq_shards = n` and its block-sparsity tables are sharded with the
+queries (each shard gets its own rows of the mask); the local kernel sees a rectangular
+[C, halo + C] band whose offset is static.
+
+Shape legend as in `kernels/reference.py` (B batch, T sequence, C = T / n local chunk,
+N query heads, K kv heads, G = N / K, H head_dim, W window).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from loopcoder_jax import sharding as sh
+from loopcoder_jax.config import AttnImpl
+from loopcoder_jax.kernels import reference
+from loopcoder_jax.kernels.reference import Causal, LocalWindow, MaskSpec
+
+# Segment id of halo positions that do not exist (before the start of the sequence): real
+# segment ids are >= 0 and the reference kernel's own padding uses -1 / -2.
+_NO_SEGMENT = -3
+_LANES = 128  # splash tiles the key axis in multiples of 128
+
+
+def _context():
+    """(mesh, rules) in force; the mesh is None when there is none or it has one device."""
+    from loopcoder_jax.kernels import splash  # mesh-context helpers live with the kernel
+
+    return splash._current_mesh(), splash._current_rules()
+
+
+def _axes(logical, mesh, rules):
+    from loopcoder_jax.kernels import splash
+
+    return splash._mesh_axes(logical, rules, mesh)
+
+
+def _size(mesh, axes) -> int:
+    from loopcoder_jax.kernels import splash
+
+    return splash._axis_size(mesh, axes)
+
+
+def sequence_shards(mesh=None, rules=None) -> int:
+    """Ways the activations' sequence is split under the mesh and rules in force (1 = none)."""
+    if mesh is None:
+        mesh, rules = _context()
+    if mesh is None:
+        return 1
+    return _size(mesh, _axes(sh.LENGTH, mesh, rules))
+
+
+def _use_splash(impl: AttnImpl, q_shape, k_shape, mesh, rules) -> bool:
+    from loopcoder_jax.kernels import splash
+
+    if impl == AttnImpl.AUTO:
+        impl = AttnImpl.SPLASH if splash.mesh_platform() == "tpu" else AttnImpl.XLA
+    if impl != AttnImpl.SPLASH:
+        return False
+    return splash.unsupported_reason(q_shape, k_shape, mesh, rules) is None
+
+
+def attention(
+    q,
+    k,
+    v,
+    mask: MaskSpec,
+    segment_ids=None,
+    impl: AttnImpl = AttnImpl.XLA,
+    *,
+    interpret: bool | None = None,
+):
+    """Self-attention with the sequence sharded (context parallel); same contract as
+    `kernels.attention`.
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H] (global shapes, sharded).
+      mask: `Causal()` or `LocalWindow(W)`.
+      segment_ids: optional [B, T] int; attention never crosses a segment boundary.
+      impl: `AttnImpl.XLA`, `SPLASH` or `AUTO` (splash on TPU); splash falls back to XLA
+        for shapes it cannot run (`splash.unsupported_reason`).
+      interpret: splash only: run the Pallas interpreter (default: when not on TPU).
+    Returns:
+      [B, T, N, H], sharded like q.
+    """
+    mesh, rules = _context()
+    seq = _axes(sh.LENGTH, mesh, rules) if mesh is not None else None
+    n = _size(mesh, seq) if mesh is not None else 1
+    b, t, nh, hd = q.shape
+    if n == 1 or t % n:
+        # Nothing to split (or a length the shards cannot split, e.g. Flax's one-token init
+        # trace): the partitioner's own plan for the plain path is correct, only slower.
+        return reference.attention(q, k, v, mask, segment_ids)
+    kh = k.shape[2]
+    c = t // n
+    batch = _axes(sh.BATCH, mesh, rules)
+    heads = _axes(sh.ACT_HEADS, mesh, rules)
+    kv_heads = _axes(sh.ACT_KV_HEADS, mesh, rules)
+    if b % _size(mesh, batch):
+        batch = None  # the shard_map boundary gathers the batch: correct, only slower
+    if nh % _size(mesh, heads) or kh % _size(mesh, kv_heads) or heads != kv_heads:
+        heads = kv_heads = None  # whole GQA groups per shard, or no head split at all
+    if segment_ids is None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)
+    splash_ok = _use_splash(impl, q.shape, k.shape, mesh, rules)
+    local_heads = nh // _size(mesh, heads)
+    if isinstance(mask, Causal):
+        kernel = None
+        if splash_ok:
+            kernel = _splash_causal_kernel(t, n, local_heads, interpret)
+        body = functools.partial(_global_shard, axis=seq)
+    elif isinstance(mask, LocalWindow):
+        halo = min(mask.window, (n - 1) * c)
+        kernel = None
+        if splash_ok:
+            halo = min(_round_up(mask.window, _LANES), (n - 1) * c)
+            kernel = _splash_local_kernel(c, halo, mask.window, local_heads, interpret)
+        body = functools.partial(_local_shard, axis=seq, n=n, window=mask.window, halo=halo)
+    else:
+        raise TypeError(f"Unknown mask spec {mask!r}")
+    q_spec = PartitionSpec(batch, seq, heads, None)
+    kv_spec = PartitionSpec(batch, seq, kv_heads, None)
+    seg_spec = PartitionSpec(batch, seq)
+    args, specs = [q, k, v, segment_ids], [q_spec, kv_spec, kv_spec, seg_spec]
+    if kernel is not None:
+        # The kernel is a pytree of mask tables: sharded rows for the causal one, whole for
+        # the local band (it is the same on every shard).
+        args.append(kernel)
+        specs.append(_kernel_spec(kernel, mesh, seq, sharded=isinstance(mask, Causal)))
+    else:
+        body = functools.partial(_no_kernel, body)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)
+    return fn(*args)
+
+
+def _no_kernel(body, q, k, v, seg):
+    return body(q, k, v, seg, None)
+
+
+# ---------------------------------------------------------------------------- per shard
+def _global_shard(q, k, v, seg, kernel, *, axis):
+    """Causal attention of this shard's C queries against all T keys (gathered)."""
+    c = q.shape[1]
+    k_all = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # [B, T, K, H]
+    v_all = jax.lax.all_gather(v, axis, axis=1, tiled=True)
+    seg_all = jax.lax.all_gather(seg, axis, axis=1, tiled=True)  # [B, T]
+    if kernel is not None:
+        return _splash_call(kernel, q, k_all, v_all, seg, seg_all)
+    offset = jax.lax.axis_index(axis) * c
+    # Long chunks go in query blocks, each rematerialised in the backward pass, so the float32
+    # scores live one [B, N, Cq, T] block at a time (40B at 32K: 2.5 GiB instead of 40 GiB
+    # per chip). The blocks are unrolled, not scanned: the planner's FLOP counts see them all.
+    cq = _query_block(c, k_all.shape[1])
+    if cq == c:
+        return _causal_block(q, k_all, v_all, seg, seg_all, offset)
+    block = jax.checkpoint(_causal_block)
+    outs = [
+        block(q[:, i : i + cq], k_all, v_all, seg[:, i : i + cq], seg_all, offset + i)
+        for i in range(0, c, cq)
+    ]
+    return jnp.concatenate(outs, axis=1)
+
+
+# Score elements per row and head of one query block of the XLA global branch.
+_SCORE_BLOCK = 1 << 24
+
+
+def _query_block(c: int, t: int) -> int:
+    """Largest divisor of C with Cq * T <= _SCORE_BLOCK (C itself when it fits)."""
+    cq = c
+    while cq * t > _SCORE_BLOCK and cq % 2 == 0:
+        cq //= 2
+    return cq
+
+
+def _causal_block(q, k_all, v_all, seg, seg_all, offset):
+    """Queries at global positions offset .. offset + Cq - 1 against all T keys."""
+    q_pos = offset + jnp.arange(q.shape[1])
+    k_pos = jnp.arange(k_all.shape[1])
+    visible = (q_pos[:, None] >= k_pos[None, :])[None]  # [1, Cq, T]
+    visible = visible & (seg[:, :, None] == seg_all[:, None, :])
+    return _attend(q, k_all, v_all, visible)
+
+
+def _local_shard(q, k, v, seg, kernel, *, axis, n, window, halo):
+    """Sliding-window attention of this shard's C queries over [halo, own chunk]."""
+    c = q.shape[1]
+    if halo:
+        k_ext = jnp.concatenate([_halo(k, axis, n, halo), k], axis=1)  # [B, halo + C, K, H]
+        v_ext = jnp.concatenate([_halo(v, axis, n, halo), v], axis=1)
+        seg_ext = jnp.concatenate([_halo(seg, axis, n, halo, fill=_NO_SEGMENT), seg], axis=1)
+    else:
+        k_ext, v_ext, seg_ext = k, v, seg
+    if kernel is not None:
+        return _splash_call(kernel, q, k_ext, v_ext, seg, seg_ext)
+    # The blockwise O(C * W) reference kernel over the extended chunk; the halo's own query
+    # rows are zeros whose outputs are dropped (their cost is halo * 2W, next to C * 2W).
+    q_ext = jnp.pad(q, ((0, 0), (halo, 0), (0, 0), (0, 0)))
+    out = reference.attention(q_ext, k_ext, v_ext, LocalWindow(window), seg_ext)
+    return out[:, halo : halo + c]
+
+
+def _halo(x, axis, n: int, length: int, fill=None):
+    """The `length` positions before this shard's chunk: [B, length, ...].
+
+    Hop h brings the last positions of shard i - h in one `ppermute` (shift h), so a window
+    wider than a chunk takes several neighbours. Positions before the sequence start are
+    zeros, or `fill` (the segment ids: a value no real segment has).
+    """
+    c = x.shape[1]
+    index = jax.lax.axis_index(axis)
+    parts, remaining, hop = [], length, 1
+    while remaining > 0:
+        r = min(c, remaining)
+        tail = x[:, c - r :]
+        got = jax.lax.ppermute(tail, axis, [(j, j + hop) for j in range(n - hop)])
+        if fill is not None:
+            got = jnp.where(index >= hop, got, jnp.asarray(fill, got.dtype))
+        parts.insert(0, got)  # further hops are earlier positions
+        remaining -= r
+        hop += 1
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _attend(q, k, v, visible):
+    """q [B, C, N, H] against k, v [B, S, K, H] where visible [B, C, S]: the reference core."""
+    b, c, nh, hd = q.shape
+    out = reference._softmax_attend(reference._group(q, k.shape[2]), k, v, visible)
+    return out.reshape(b, c, nh, hd)
+
+
+# ---------------------------------------------------------------------------- splash
+def _round_up(x: int, m: int) -> int:
+    return math.ceil(x / m) * m
+
+
+def _splash_causal_kernel(t: int, n: int, num_heads: int, interpret):
+    from loopcoder_jax.kernels import splash
+
+    block_q = splash._block(t // n, splash._MAX_BLOCK)
+    block_kv = splash._block(t, splash._MAX_BLOCK)
+    return splash._make_kernel_for(
+        splash.splash_mask.CausalMask((t, t)), num_heads, block_q, block_kv,
+        _interpret(interpret), q_seq_shards=n,
+    )  # fmt: skip
+
+
+def _splash_local_kernel(c: int, halo: int, window: int, num_heads: int, interpret):
+    from loopcoder_jax.kernels import splash
+
+    # Query i of the chunk sits at halo + i of the extended keys: visible iff
+    # halo + i - W < j <= halo + i (splash LocalMask: left W - 1, right 0, offset halo).
+    band = splash.splash_mask.LocalMask((c, halo + c), (window - 1, 0), offset=halo)
+    block_q = splash._block(c, splash._MAX_BLOCK)
+    block_kv = splash._block(halo + c, _LANES)
+    return splash._make_kernel_for(band, num_heads, block_q, block_kv, _interpret(interpret))
+
+
+def _interpret(interpret):
+    from loopcoder_jax.kernels import splash
+
+    return splash.mesh_platform() != "tpu" if interpret is None else interpret
+
+
+def _kernel_spec(kernel, mesh, seq, *, sharded: bool):
+    if sharded:
+        return kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, seq)))
+    return jax.tree.map(lambda _: PartitionSpec(), kernel)
+
+
+def _splash_call(kernel, q, k, v, seg_q, seg_kv):
+    from loopcoder_jax.kernels import splash
+
+    # Splash applies no softmax scale: fold head_dim ** -0.5 into q (as splash.attention).
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # heads leading
+    seg_q, seg_kv = seg_q.astype(jnp.int32), seg_kv.astype(jnp.int32)
+
+    def one_row(q, k, v, sq, skv):
+        return kernel(q, k, v, segment_ids=splash.splash_kernel.SegmentIds(sq, skv))
+
+    out = jax.vmap(one_row)(qt, kt, vt, seg_q, seg_kv)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+__all__ = ["attention", "sequence_shards"]
