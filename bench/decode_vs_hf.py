@@ -187,11 +187,17 @@ def run(args, model_file, cfg_file, work):
     result = dict(
         bench="decode_vs_hf",
         model=dict(
-            hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
-            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-            intermediate=cfg.intermediate_size, vocab=cfg.vocab_size, loop_num=cfg.loop_num,
-            window=cfg.loop_window_size, dtype="float32",
-        ),  # fmt: skip
+            hidden=cfg.hidden_size,
+            layers=cfg.num_hidden_layers,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            intermediate=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+            loop_num=cfg.loop_num,
+            window=cfg.loop_window_size,
+            dtype="float32",
+        ),
         device=jax.devices()[0].device_kind,
         machine="2-core CPU dev box, no accelerator" if os.cpu_count() == 2 else "",
         git_sha=git_sha(),
@@ -241,9 +247,10 @@ def run(args, model_file, cfg_file, work):
             hx.append((t_1, t_n - t_1, toks))
 
         ours, theirs = jx[0][2], hx[0][2]
-        equal = sum(int(a == c) for ra, rc in zip(ours, theirs) for a, c in zip(ra, rc))
-        prefix = [next((i for i, (a, c) in enumerate(zip(ra, rc)) if a != c), n)
-                  for ra, rc in zip(ours, theirs)]  # fmt: skip
+        pairs = list(zip(ours, theirs, strict=True))
+        equal = sum(int(a == c) for ra, rc in pairs for a, c in zip(ra, rc, strict=True))
+        prefix = [next((i for i, (a, c) in enumerate(zip(ra, rc, strict=True)) if a != c), n)
+                  for ra, rc in zip(ours, theirs, strict=True)]  # fmt: skip
         med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
         j_dec = b * (n - 1) / med(jx, 1)
         h_dec = b * (n - 1) / med(hx, 1)
@@ -259,7 +266,7 @@ def run(args, model_file, cfg_file, work):
             jax_decode_s=[round(r[1], 4) for r in jx],
             hf_decode_s=[round(r[1], 4) for r in hx],
             tokens_equal=f"{equal}/{b * n}",
-            rows_equal=f"{sum(int(ra == rc) for ra, rc in zip(ours, theirs))}/{b}",
+            rows_equal=f"{sum(int(ra == rc) for ra, rc in zip(ours, theirs, strict=True))}/{b}",
             first_mismatch_per_row=prefix,
         )
         print(json.dumps({f"b{b}": result[f"b{b}"]}), file=sys.stderr, flush=True)
