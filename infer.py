@@ -160,29 +160,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_mesh(spec: str):
-    """'data=2,tensor=4' -> `sharding.make_mesh(MeshConfig(...))` over all devices (fsdp fills
-    the rest unless given); '' -> None (one device)."""
+    """'data=2,tensor=4' -> a Mesh over all devices (fsdp fills the rest unless given);
+    '' -> None (one device)."""
     from loopcoder_jax import sharding as sh
-    from loopcoder_jax.config import ConfigError, MeshConfig
 
-    if not spec:
-        return None
-    sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in sh.MESH_AXES or not value.strip().lstrip("-").isdigit():
-            raise InferError(
-                f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
-                f"{list(sh.MESH_AXES)}, e.g. data=2,tensor=4."
-            )
-        sizes[name] = int(value)
-    if -1 not in sizes.values():
-        sizes.setdefault("fsdp", -1)
     try:
-        return sh.make_mesh(MeshConfig(**sizes))
-    except (ConfigError, sh.MeshError) as e:
-        raise InferError(f"--mesh {spec!r}: {e}") from None
+        return sh.mesh_from_spec(spec)
+    except sh.MeshError as e:
+        raise InferError(str(e)) from None
 
 
 def choose_sampling(args):

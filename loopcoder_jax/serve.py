@@ -88,25 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _mesh(spec: str):
     from loopcoder_jax import sharding as sh
-    from loopcoder_jax.config import ConfigError, MeshConfig
 
-    if not spec:
-        return None
-    sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in sh.MESH_AXES or not value.strip().lstrip("-").isdigit():
-            raise ServeError(
-                f"--mesh {spec!r}: expected AXIS=SIZE,... with AXIS in {list(sh.MESH_AXES)}."
-            )
-        sizes[name] = int(value)
-    if -1 not in sizes.values():
-        sizes.setdefault("fsdp", -1)
     try:
-        return sh.make_mesh(MeshConfig(**sizes))
-    except (ConfigError, sh.MeshError) as e:
-        raise ServeError(f"--mesh {spec!r}: {e}") from None
+        return sh.mesh_from_spec(spec)
+    except sh.MeshError as e:
+        raise ServeError(str(e)) from None
 
 
 def load(args):

@@ -154,6 +154,31 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
+def mesh_from_spec(spec: str, devices=None) -> Mesh | None:
+    """A command-line mesh: 'data=2,tensor=4' -> `make_mesh` over all devices (fsdp takes the
+    rest unless an axis is -1); '' -> None (one device). Raises MeshError naming the spec."""
+    from loopcoder_jax.config import ConfigError, MeshConfig
+
+    if not spec:
+        return None
+    sizes = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise MeshError(
+                f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                f"{list(MESH_AXES)}, e.g. data=2,tensor=4."
+            )
+        sizes[name] = int(value)
+    if -1 not in sizes.values():
+        sizes.setdefault("fsdp", -1)
+    try:
+        return make_mesh(MeshConfig(**sizes), devices)
+    except (ConfigError, MeshError) as e:
+        raise MeshError(f"--mesh {spec!r}: {e}") from None
+
+
 def get_rules(name: str) -> Rules:
     try:
         return RULES[name]

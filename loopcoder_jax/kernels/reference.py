@@ -204,14 +204,35 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
     Returns:
       [B, T, N, H] in q's dtype.
     """
+    positions = jnp.broadcast_to((lengths.astype(jnp.int32) - 1)[:, None], q.shape[:2])
+    return causal_cache_attention(q, k, v, positions, block=block, index=index)
+
+
+def causal_cache_attention(q, k, v, positions, *, block: int, index: tuple = ()):
+    """Causal attention of T queries against a heads-major cache that holds their keys.
+
+    The queries' own keys must already be written into the cache at their positions (a decode
+    step, T = 1, or a prefill chunk, `kernels/chunked.py`). Keys are read `block` at a time up
+    to the furthest query, with an online softmax, so the scores held at once are
+    [B, N, T, block], whatever the cache length.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [*I, B, K, S, H] caches with len(I) == len(index); S % block == 0.
+      positions: [B, T] int32 position of each query (< S); key j visible iff j <= position.
+      block: keys per block.
+      index: int scalars (traced or static) indexing the leading I axes of k and v.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
     b, t, n, h = q.shape
     kh, s = k.shape[-3], k.shape[-2]
     if s % block:
         raise ValueError(f"cache length {s} is not a multiple of the decode block {block}")
     g = n // kh
-    qg = _queries_by_kv_head(q, kh)  # [B, K, G*T, H]
-    lengths = lengths.astype(jnp.int32)
-    num_blocks = (jnp.max(lengths) + block - 1) // block
+    qg = _queries_by_kv_head(q, kh)  # [B, K, G*T, H], row g*T + t
+    positions = positions.astype(jnp.int32)
+    num_blocks = jnp.minimum((jnp.max(positions) + block) // block, s // block)
     lead = len(index)
     sizes = (1,) * lead + (b, kh, block, h)
 
@@ -220,14 +241,15 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
         return jax.lax.dynamic_slice(cache, starts, sizes).reshape(b, kh, block, h)
 
     def body(j, carry):
-        m, denom, acc = carry  # running max, softmax denominator, unnormalised output
+        m, denom, acc = carry
         start = j * block
         kb, vb = read(k, start), read(v, start)
         # Scores, softmax and the running sums in float32 whatever the compute dtype.
         scores = jax.lax.dot_general(qg, kb, _QK_DIMS, preferred_element_type=jnp.float32)
-        scores = scores * h**-0.5  # [B, K, G*T, block]
-        visible = (start + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
-        scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
+        scores = scores.reshape(b, kh, g, t, block) * h**-0.5
+        key_pos = start + jnp.arange(block)
+        visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, block]
+        scores = jnp.where(visible[:, None, None], scores, _MASKED).reshape(b, kh, g * t, block)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         rescale = jnp.exp(m - m_new)
@@ -242,7 +264,6 @@ def prefix_attention(q, k, v, lengths, *, block: int, index: tuple = ()):
         jnp.zeros((b, kh, g * t), jnp.float32),
         jnp.zeros((b, kh, g * t, h), jnp.float32),
     )
-    # Block 0 always holds a visible key (lengths >= 1), so `denom` is > 0 after the first block;
-    # a later block a shorter row cannot see contributes exp(MASKED - m) = 0.
+    # Key 0 is visible to every query, so block 0 makes every denominator > 0.
     _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
     return _from_kv_heads(acc / denom[..., None], t).astype(q.dtype)

@@ -85,7 +85,9 @@ def test_kernel_values_and_grads_match_whole_sequence(mesh_name):
         with jax.set_mesh(mesh), nn.logical_axis_rules(sh.FSDP_TP):
             got = jax.jit(lambda q, k, v, m=mask: cp.attention(q, k, v, m, seg))(q, k, v)
             got_g = jax.jit(jax.grad(loss(cp.attention, mask), argnums=(0, 1, 2)))(q, k, v)
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(mask))
+        np.testing.assert_allclose(
+            got, want, atol=1e-5 * float(jnp.abs(want).max()), err_msg=str(mask)
+        )
         for g, w in zip(got_g, want_g, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(mask))
 
@@ -164,7 +166,7 @@ def test_model_logits_and_grads_equal_one_device(tiny_config, mesh_name, loop_nu
     (want_loss, want_logits), want_g = jax.jit(_model_loss(cfg))(params, ids, seg, pos)
     loss, logits, grads = _sharded_loss_and_grads(cfg, params, ids, seg, pos, _mesh(mesh_name))
     np.testing.assert_allclose(logits, want_logits, atol=1e-5 * float(jnp.abs(want_logits).max()))
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)  # f32 sums in another order
     _assert_close_scaled(grads, want_g)
 
 
@@ -239,7 +241,7 @@ def test_splash_with_the_sequence_sharded_matches_xla(monkeypatch, mask):
         got = jax.jit(lambda q, k, v: cp.attention(q, k, v, mask, seg, AttnImpl.SPLASH))(q, k, v)
     assert calls, "splash did not run"
     want = reference.attention(q, k, v, mask, seg)
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()), rtol=1e-5)
 
 
 @pytest.mark.slow
