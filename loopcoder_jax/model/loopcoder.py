@@ -388,15 +388,29 @@ class LoopCoder(nn.Module):
         pos = cache.lengths  # [B] position of the new token
         cos, sin = rope_frequencies(pos[:, None], cfg.head_dim, cfg.rope_theta)
         h = self.embed_tokens(token_ids)
+        h, new_cache = self._run_cached_stack(
+            h, cos, sin, cache, DecoderLayer.decode, scan=self.runtime.scan_layers, pos=pos
+        )
+        logits = self.logits(self.norm(h))[:, 0]
+        return logits, new_cache.replace(lengths=cache.lengths + 1)
+
+    def _run_cached_stack(self, h, cos, sin, cache: LoopCache, method, *, scan: bool, **kw):
+        """Every loop of the layer stack over the KV cache (a decode step or a prefill chunk).
+
+        Only the params are scanned over. The cache a loop writes (loop 0: the global K/V;
+        later loops: their ring) rides in the carry, each layer writing its own slot in place
+        (see `Attention.decode`); the global K/V that later loops only read is closed over, so
+        the compiler sees it is not modified and copies nothing. `scan=False` unrolls the
+        layers: static layer slices, hoisted out of an enclosing decode loop.
+        Returns (h, the cache with its new K/V; lengths unchanged).
+        """
+        cfg = self.config
         layer = self._layer()
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         global_kv = (cache.global_k, cache.global_v)
         local_k, local_v = [], []
         for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
-            # Only the params are scanned over. The cache a loop writes (loop 0: the global
-            # K/V; later loops: their ring) rides in the carry, each layer writing its own slot
-            # in place (see `Attention.decode`); the global K/V that later loops only read is
-            # closed over, so the compiler sees it is not modified and copies nothing.
+
             def body(carry, xs, loop_idx=loop_idx, global_kv=global_kv):
                 h, kv = carry
                 params, i = xs
@@ -405,8 +419,8 @@ class LoopCoder(nn.Module):
                 else:
                     caches = dict(global_kv=global_kv, ring_kv=kv)
                 h, kv = layer.apply(
-                    {"params": params}, h, cos, sin, loop_idx=loop_idx, pos=pos, layer=i,
-                    method=DecoderLayer.decode, **caches,
+                    {"params": params}, h, cos, sin, loop_idx=loop_idx, layer=i, method=method,
+                    **kw, **caches,
                 )  # fmt: skip
                 return (h, kv), None
 
@@ -414,10 +428,10 @@ class LoopCoder(nn.Module):
                 carry = (h, global_kv)
             else:
                 carry = (h, (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1]))
-            if self.runtime.scan_layers:
+            if scan:
                 xs = (self._loop_params(loop_idx), layer_ids)
                 carry, _ = jax.lax.scan(body, carry, xs)
-            else:  # unrolled: static layer slices, hoisted out of an enclosing decode loop
+            else:
                 for i in range(cfg.num_hidden_layers):
                     carry, _ = body(carry, (_slice_layer(self._loop_params(loop_idx), i), i))
             h, kv = carry
@@ -426,15 +440,12 @@ class LoopCoder(nn.Module):
             else:
                 local_k.append(kv[0])
                 local_v.append(kv[1])
-        logits = self.logits(self.norm(h))[:, 0]
-        new_cache = LoopCache(
+        return h, cache.replace(
             global_k=global_kv[0],
             global_v=global_kv[1],
             local_k=jnp.stack(local_k) if local_k else cache.local_k,
             local_v=jnp.stack(local_v) if local_v else cache.local_v,
-            lengths=cache.lengths + 1,
         )
-        return logits, new_cache
 
     def prefill_chunk(self, token_ids, cache: LoopCache, chunk_lengths=None, *, all_logits=False):
         """Extends the cache by a chunk of T prompt tokens per row (chunked prefill).
@@ -464,46 +475,13 @@ class LoopCoder(nn.Module):
         cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
         h = self.embed_tokens(token_ids)
         h = nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
-        layer = self._layer()
-        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        global_kv = (cache.global_k, cache.global_v)
-        local_k, local_v = [], []
-        for loop_idx in range(cfg.loop_num):  # the SAME stacked params every loop
-            # The cache rides in the carry as in `decode_step` (each layer writes its slice).
-            def body(carry, xs, loop_idx=loop_idx, global_kv=global_kv):
-                h, kv = carry
-                params, i = xs
-                if loop_idx == 0:
-                    caches = dict(global_kv=kv)
-                else:
-                    caches = dict(global_kv=global_kv, ring_kv=kv)
-                h, kv = layer.apply(
-                    {"params": params}, h, cos, sin, loop_idx=loop_idx, positions=positions,
-                    chunk_lengths=chunk_lengths, layer=i, method=DecoderLayer.prefill_chunk,
-                    **caches,
-                )  # fmt: skip
-                return (h, kv), None
-
-            if loop_idx == 0:
-                carry = (h, global_kv)
-            else:
-                carry = (h, (cache.local_k[loop_idx - 1], cache.local_v[loop_idx - 1]))
-            carry, _ = jax.lax.scan(body, carry, (self._loop_params(loop_idx), layer_ids))
-            h, kv = carry
-            if loop_idx == 0:
-                global_kv = kv
-            else:
-                local_k.append(kv[0])
-                local_v.append(kv[1])
+        h, new_cache = self._run_cached_stack(
+            h, cos, sin, cache, DecoderLayer.prefill_chunk, scan=True,
+            positions=positions, chunk_lengths=chunk_lengths,
+        )  # fmt: skip
         h = self.norm(h)
         if not all_logits:
             h = jnp.take_along_axis(h, jnp.maximum(chunk_lengths - 1, 0)[:, None, None], axis=1)
         logits = self.logits(h)
-        new_cache = LoopCache(
-            global_k=global_kv[0],
-            global_v=global_kv[1],
-            local_k=jnp.stack(local_k) if local_k else cache.local_k,
-            local_v=jnp.stack(local_v) if local_v else cache.local_v,
-            lengths=cache.lengths + chunk_lengths,
-        )
+        new_cache = new_cache.replace(lengths=cache.lengths + chunk_lengths)
         return (logits if all_logits else logits[:, 0]), new_cache
