@@ -32,4 +32,5 @@ for dev, index in sharding.addressable_devices_indices_map(full.shape).items():
 w = jax.make_array_from_single_device_arrays(full.shape, sharding, buffers)
 found = integrity.check_replicas({"w": w})
 report = [[m.path, [list(d) for d in m.bad_devices], len(m.good_devices)] for m in found]
-print(json.dumps({"victim": victim, "found": report}))
+# Marked, on a line of its own: gloo's C++ logging shares stdout and may leave a line unended.
+print("\nREPORT " + json.dumps({"victim": victim, "found": report}), flush=True)

@@ -121,7 +121,11 @@ def test_two_processes_agree_on_the_faulty_device():
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     # (gloo prints its own lines to stdout too)
-    reports = [json.loads(next(x for x in out.splitlines() if x[:1] == "{")) for out, _ in outs]
+    reports = []
+    for out, _ in outs:
+        lines = [x for x in out.splitlines() if "REPORT {" in x]
+        assert lines, f"no report in the worker's stdout: {out[-2000:]}"
+        reports.append(json.loads(lines[-1].split("REPORT ", 1)[1]))
     victim_id = reports[0]["victim"]
     assert reports[0] == reports[1]
     assert reports[0]["found"] == [["['w']", [[victim_id, 1]], 3]]
