@@ -645,7 +645,14 @@ def plan(
                 f"{depth} layers (cost_analysis counts a scan body once)"
             )
         elif exp.runtime.scan_layers and depth > 1:
-            notes.append("FLOPs/time count the scanned layer body once (count_flops=False)")
+            # cost_analysis costs a scan body once: such "FLOPs" and "time" describe one
+            # layer plus the rest, and an MFU from them is off by ~depth (a 7B plan at 128K
+            # printed 1945%). Report none rather than a wrong number.
+            flops_per_chip = seconds = None
+            notes.append(
+                "FLOPs and time not counted (--no-flop-count; the compiler costs a scanned "
+                "layer stack as one layer)"
+            )
     except jax.errors.JaxRuntimeError as e:
         if _parse_oom(str(e)) is None:
             raise
