@@ -351,10 +351,16 @@ class Plan:
                 f"chip of {self.hbm_bytes / GiB:.0f}; {g['tried']} variants compiled)"
             )
         elif self.suggestion:
+            tried = self.suggestion["tried"]
             lines.append(
-                f"  nearest plan that fits: none of the {self.suggestion['tried']} variants "
-                "tried (all chips on fsdp, remat=full, one sequence per batch shard, gradient "
-                "accumulation) fits: use a bigger slice or a shorter sequence"
+                (
+                    f"  nearest plan that fits: none of the {tried} variants tried "
+                    if tried
+                    else "  nearest plan that fits: no variant to try "
+                )
+                + "(all chips on fsdp, remat=full, one sequence per batch shard, gradient "
+                "accumulation, the sequence split over chips) fits: use a bigger slice or a "
+                "shorter sequence"
             )
         return "\n".join(lines)
 
@@ -740,17 +746,57 @@ def fit_candidates(exp: ExperimentConfig, num_chips: int, mode: str) -> list[Exp
                     )
                 )
 
+    if mode in ("train", "prefill"):
+        out.extend(_context_parallel_candidates(exp, num_chips, mode, seen))
+
     def distance(e):
         # Fewest changes first; among equals, cheapest first: more gradient accumulation (the
         # same step, in smaller pieces), then the mesh, then remat=full (recompute), and a
-        # smaller global batch (a different recipe) last.
+        # smaller global batch (a different recipe) last; splitting the sequence (more
+        # collectives per layer) after the other mesh changes, fewest ways first.
         shrunk = e.train.batch_size != b
         remat = e.runtime.remat != exp.runtime.remat
         mesh = e.mesh != m
         changed = shrunk + remat + mesh + (e.train.grad_accum != a and not shrunk)
-        return (changed, shrunk, remat, mesh, e.train.grad_accum)
+        return (changed, shrunk, remat, mesh, e.mesh.sequence, e.train.grad_accum)
 
     return sorted(out[1:], key=distance)  # out[0] is `exp` itself
+
+
+# Context parallelism is for long rows: a variant keeps at least this many tokens of each
+# sequence per chip (below it the K/V gathers cost more than the activations they save).
+_MIN_TOKENS_PER_SHARD = 2048
+
+
+def _context_parallel_candidates(
+    exp: ExperimentConfig, num_chips: int, mode: str, seen: set
+) -> list[ExperimentConfig]:
+    """Every chip on fsdp x `sequence` (context parallelism, kernels/context_parallel.py) for
+    sequence = 2, 4, 8, ... ways beyond the one asked for: per-chip activations fall with the
+    tokens each chip holds. The global batch is kept (more gradient accumulation) when it
+    splits, else one sequence per batch shard."""
+    b, a = exp.train.batch_size, exp.train.grad_accum if mode == "train" else 1
+    t = exp.train.seq_len
+    out, s = [], 2 * max(exp.mesh.sequence, 1)
+    while num_chips % s == 0 and t % s == 0 and t // s >= _MIN_TOKENS_PER_SHARD:
+        mesh_cfg = MeshConfig(data=1, fsdp=-1, tensor=1, sequence=s, rules=exp.mesh.rules)
+        shards = num_chips // s
+        if mode == "train" and b % shards == 0 and (b // shards) % a == 0:
+            bb, aa = b, max(a, b // shards)  # same global batch, one row per shard a micro-step
+        else:
+            bb, aa = shards, 1
+        sizes = sh.resolve_mesh_shape(mesh_cfg.axis_sizes, num_chips)
+        key = (tuple(sorted(sizes.items())), exp.runtime.remat, bb, aa)
+        if key not in seen:
+            seen.add(key)
+            out.append(
+                exp.replace(
+                    mesh=mesh_cfg,
+                    train=dataclasses.replace(exp.train, batch_size=bb, grad_accum=aa),
+                )
+            )
+        s *= 2
+    return out
 
 
 def _flags(exp: ExperimentConfig, num_chips: int, mode: str) -> str:

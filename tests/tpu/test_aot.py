@@ -379,6 +379,42 @@ def test_plan_that_does_not_fit_names_the_nearest_that_does(monkeypatch):
     assert p.suggestion == {"tried": 2} and "none of the 2 variants" in p.report()
 
 
+def test_long_sequence_that_does_not_fit_is_offered_context_parallelism(monkeypatch):
+    """40B-Loop at 32K, one sequence per chip on v5p-256 (139.6 GiB): no batch or remat change
+    helps; splitting the sequence does. Made-up memory model: activations scale with the rows
+    and tokens one chip holds per micro-step."""
+    exp = ExperimentConfig.from_dict({"model": {"preset": "loop40b"},
+                                      "runtime": {"remat": "full"}}, {})  # fmt: skip
+    exp = exp.replace(
+        mesh=MeshConfig(data=1, fsdp=128, tensor=1, sequence=1),
+        train=dataclasses.replace(exp.train, batch_size=128, grad_accum=1, seq_len=32768),
+    )
+    cands = aot.fit_candidates(exp, 128, "train")
+    cp = [(c.mesh.fsdp, c.mesh.sequence, c.train.batch_size, c.train.grad_accum)
+          for c in cands if c.mesh.sequence > 1]  # fmt: skip
+    # fewest ways first, the global batch kept through accumulation; at most 2K tokens a chip
+    assert cp == [(-1, 2, 128, 2), (-1, 4, 128, 4), (-1, 8, 128, 8), (-1, 16, 128, 16)]
+
+    def fake_plan(cand, topology, mode, *, count_flops, devices):
+        sizes = aot.sh.resolve_mesh_shape(cand.mesh.axis_sizes, 128)
+        rows = cand.train.batch_size // cand.train.grad_accum // (sizes["data"] * sizes["fsdp"])
+        tokens = rows * cand.train.seq_len // sizes["sequence"]
+        return dataclasses.replace(
+            _plan(), temp_bytes=int(4.25 * tokens / 1024 * aot.GiB), argument_bytes=0,
+            output_bytes=0, alias_bytes=0, hbm_bytes=50 * aot.GiB, mesh=sizes,
+        )  # fmt: skip
+
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    # 32K tokens a chip: 136 GiB, 16K: 68 GiB, 8K: 34 GiB of a (made-up) 50 GiB chip
+    g = aot.suggest_fit(exp, "v5p-256", "train", devices=[object()] * 128)
+    assert g["mesh"]["sequence"] == 4 and g["mesh"]["fsdp"] == 32, g
+    assert "--mesh fsdp=32 sequence=4 --global-batch 128" in g["flags"]
+    assert "train.grad_accum=4" in g["flags"]
+    # nothing to try says so in words, not "none of the 0 variants"
+    p = _plan(suggestion={"tried": 0})
+    assert "no variant to try" in p.report() and "0 variants" not in p.report()
+
+
 def test_suggested_flags_rebuild_the_suggested_experiment():
     """The printed flags are a working command: --global-batch keeps an explicit grad_accum."""
     exp = _tiny_experiment()
