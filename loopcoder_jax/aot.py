@@ -334,8 +334,12 @@ class Plan:
             )
         else:
             lines.append(
-                "  compiler estimate     no estimate (the compiler gave "
-                + ("none" if self.optimal_seconds is None else "a non-positive time")
+                "  compiler estimate     no estimate ("
+                + (
+                    "none counted"
+                    if self.optimal_seconds is None
+                    else "the compiler gave a non-positive time"
+                )
                 + "; count FLOPs, i.e. drop --no-flop-count, for one)"
             )
         if self.collectives:
@@ -348,7 +352,8 @@ class Plan:
             g = self.suggestion
             lines.append(
                 f"  nearest plan that fits: {g['flags']}  ({g['total_bytes'] / GiB:.1f} GiB per "
-                f"chip of {self.hbm_bytes / GiB:.0f}; {g['tried']} variants compiled)"
+                f"chip of {self.hbm_bytes / GiB:.0f}; {g['tried']} "
+                f"variant{'s' if g['tried'] != 1 else ''} compiled)"
             )
         elif self.suggestion:
             tried = self.suggestion["tried"]
