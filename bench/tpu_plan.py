@@ -416,8 +416,9 @@ def format_vs_maxtext(r: dict) -> str:
         f"  {'ours':10s} {sec(r['ours_optimal_seconds']):>12s} {tf(r['ours_flops_per_chip']):>16s}",
         f"  {'MaxText':10s} {sec(r['maxtext_optimal_seconds']):>12s} "
         f"{tf(r['maxtext_flops_per_chip']):>16s}",
-        f"  MaxText ran with jax {r['maxtext_jax']}, libtpu {r['maxtext_libtpu']}",
     ]
+    if r["maxtext_jax"]:
+        lines.append(f"  MaxText ran with jax {r['maxtext_jax']}, libtpu {r['maxtext_libtpu']}")
     if r["ours_optimal_seconds"] and r["maxtext_optimal_seconds"]:
         lines.append(
             f"  ours / MaxText: {r['ours_optimal_seconds'] / r['maxtext_optimal_seconds']:.3f}x"
