@@ -318,6 +318,9 @@ def maxtext_args(exp: ExperimentConfig, topology: str, layers: int, extra=()) ->
         f"ici_fsdp_parallelism={mesh.fsdp}", f"ici_tensor_parallelism={mesh.tensor}",
         f"ici_data_parallelism={mesh.data}", f"remat_policy={exp.runtime.remat.value}",
         "scan_layers=false", "attention=dot_product", f"dtype={exp.runtime.dtype}",
+        "compile_xla_flags=" + " ".join(  # the counting compiles' flags (aot.py)
+            f"--{k}={str(v).lower()}" for k, v in aot.COUNTING_COMPILER_OPTIONS_TPU.items()
+        ),
         f"weight_dtype={exp.runtime.param_dtype}", "enable_dropout=false",
         "dataset_type=synthetic", "enable_checkpointing=false", "run_name=vs_loopcoder",
         *extra,
@@ -338,36 +341,68 @@ def extrapolate(c1: float | None, c2: float | None, layers: int) -> float | None
     return None if c1 is None or c2 is None else c1 + (layers - 1) * (c2 - c1)
 
 
-def vs_maxtext(checkout: str, exp: ExperimentConfig, topology: str, extra=()) -> dict:
-    """Our depth-1/2 extrapolated estimate and MaxText's for the same dense shape, one dict."""
+def vs_maxtext(
+    checkout: str,
+    exp: ExperimentConfig,
+    topology: str,
+    extra=(),
+    side: str = "both",
+    python: str = sys.executable,
+) -> dict:
+    """Our depth-1/2 extrapolated estimate and MaxText's for the same dense shape, one dict.
+    Ours is the counting compiles alone (`aot.counting_estimate`: the program the planner
+    costs, attention as `kernels/cost_standin.py`); no full compile, so no memory figures."""
     layers = exp.model.num_hidden_layers
-    ours = aot.plan(exp, topology, "train", count_flops=True)
-    theirs = [run_maxtext(checkout, maxtext_args(exp, topology, d, extra)) for d in (1, 2)]
-    chips = ours.num_chips
-    bytes_12 = (theirs[0]["bytes_accessed"], theirs[1]["bytes_accessed"])
-    out = {
+    t0 = time.perf_counter()
+    if side == "maxtext":  # the mesh and chip count only; no compile
+        topo = aot.parse_topology(topology)
+        sizes = aot.sh.resolve_mesh_shape(exp.mesh.axis_sizes, topo.num_chips)
+        ours = {k: None for k in ("flops", "seconds", "flops_per_layer", "seconds_per_layer",
+                                  "bytes_per_layer")}  # fmt: skip
+        ours.update(mesh={k: v for k, v in sizes.items()}, num_chips=topo.num_chips)
+    else:
+        ours = aot.counting_estimate(exp, topology, "train")
+    ours_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    missing = dict.fromkeys(("flops", "optimal_seconds", "bytes_accessed", "jax", "libtpu"))
+    theirs = [
+        missing
+        if side == "ours"
+        else run_maxtext(checkout, maxtext_args(exp, topology, d, extra), python)
+        for d in (1, 2)
+    ]
+    theirs_wall = time.perf_counter() - t0
+    per_layer = lambda key: (
+        None if None in (theirs[0][key], theirs[1][key]) else theirs[1][key] - theirs[0][key]
+    )
+    return {
         "bench": "tpu_vs_maxtext",
         "topology": topology,
         "seq_len": exp.train.seq_len,
         "global_batch": exp.train.batch_size,
-        "mesh": ours.mesh,
+        "mesh": ours["mesh"],
         "remat": exp.runtime.remat.value,
         "layers": layers,
         "loop_num": exp.model.loop_num,
-        "ours_optimal_seconds": ours.optimal_seconds,
-        "ours_flops_per_chip": ours.compiled_flops_per_chip,
-        "ours_total_bytes": ours.total_bytes,
+        "ours_optimal_seconds": ours["seconds"],
+        "ours_flops_per_chip": ours["flops"],
+        "ours_flops_per_layer": ours["flops_per_layer"],
+        "ours_bytes_accessed_per_layer": ours["bytes_per_layer"],
+        "ours_seconds_per_layer": ours["seconds_per_layer"],
         "maxtext_optimal_seconds": extrapolate(
             theirs[0]["optimal_seconds"], theirs[1]["optimal_seconds"], layers
         ),
         "maxtext_flops_per_chip": extrapolate(theirs[0]["flops"], theirs[1]["flops"], layers),
-        "maxtext_bytes_accessed_per_layer": None if None in bytes_12 else bytes_12[1] - bytes_12[0],
+        "maxtext_flops_per_layer": per_layer("flops"),
+        "maxtext_bytes_accessed_per_layer": per_layer("bytes_accessed"),
+        "maxtext_seconds_per_layer": per_layer("optimal_seconds"),
         "maxtext_jax": theirs[0]["jax"],
         "maxtext_libtpu": theirs[0]["libtpu"],
-        "analytic_flops_causal": ours.analytic_flops_causal,
-        "chips": chips,
+        "analytic_flops_causal": aot.analytic_flops(exp, "train", causal=True),
+        "chips": ours["num_chips"],
+        "ours_wall_seconds": ours_wall,
+        "maxtext_wall_seconds": theirs_wall,
     }
-    return out
 
 
 def format_vs_maxtext(r: dict) -> str:
@@ -378,12 +413,23 @@ def format_vs_maxtext(r: dict) -> str:
         f"{r['seq_len']}, remat={r['remat']}, {r['layers']} layers (depth-1/2 compiles "
         "extrapolated: s1 + (L-1)(s2 - s1)); compiler ESTIMATES, not measurements",
         f"  {'':10s} {'est. step':>12s} {'compiled FLOPs':>16s}",
-        f"  {'ours':10s} {sec(r['ours_optimal_seconds']):>12s} "
-        f"{tf(r['ours_flops_per_chip']):>16s}",
+        f"  {'ours':10s} {sec(r['ours_optimal_seconds']):>12s} {tf(r['ours_flops_per_chip']):>16s}",
         f"  {'MaxText':10s} {sec(r['maxtext_optimal_seconds']):>12s} "
         f"{tf(r['maxtext_flops_per_chip']):>16s}",
-        f"  MaxText ran with jax {r['maxtext_jax']}, libtpu {r['maxtext_libtpu']}",
     ]
+    if r["maxtext_jax"]:
+        lines.append(f"  MaxText ran with jax {r['maxtext_jax']}, libtpu {r['maxtext_libtpu']}")
+    if r["ours_optimal_seconds"] and r["maxtext_optimal_seconds"]:
+        lines.append(
+            f"  ours / MaxText: {r['ours_optimal_seconds'] / r['maxtext_optimal_seconds']:.3f}x"
+        )
+    gb = lambda x: "n/a" if x is None else f"{x / 1e9:.1f} GB"
+    ms = lambda x: "n/a" if x is None else f"{x * 1e3:.1f} ms"
+    lines.append(
+        f"  per layer per chip: ours {gb(r.get('ours_bytes_accessed_per_layer'))} "
+        f"{ms(r.get('ours_seconds_per_layer'))}, MaxText "
+        f"{gb(r.get('maxtext_bytes_accessed_per_layer'))} {ms(r.get('maxtext_seconds_per_layer'))}"
+    )
     if r["loop_num"] > 1:
         lines.append(
             f"  note: MaxText has no loop; its column is the dense shape, ours runs "
@@ -407,11 +453,17 @@ def main() -> None:
     p.add_argument("--remat", default="full", help="--vs-maxtext: remat policy (both sides)")
     p.add_argument("--maxtext-arg", action="append", default=[],
                    help="--vs-maxtext: extra key=value for MaxText's train_compile")  # fmt: skip
+    p.add_argument("--maxtext-python", default=sys.executable,
+                   help="--vs-maxtext: the python that has MaxText's dependencies")  # fmt: skip
+    p.add_argument("--side", choices=("both", "ours", "maxtext"), default="both",
+                   help="--vs-maxtext: compile one side only (each is 2 compiles)")  # fmt: skip
     args = p.parse_args()
     if args.vs_maxtext:
-        row = Row("vs-maxtext", args.preset, args.seq, args.topology, args.fsdp, args.remat,
-                  attn="xla")  # fmt: skip
-        record = vs_maxtext(args.vs_maxtext, experiment(row), args.topology, args.maxtext_arg)
+        # attn auto: the TPU program runs splash, costed as kernels/cost_standin.py
+        row = Row("vs-maxtext", args.preset, args.seq, args.topology, args.fsdp, args.remat)
+        record = vs_maxtext(args.vs_maxtext, experiment(row), args.topology, args.maxtext_arg,
+                            args.side, args.maxtext_python)  # fmt: skip
+        record["side"] = args.side
         _append(record)
         print(format_vs_maxtext(record))
     elif args.markdown:

@@ -68,16 +68,16 @@ def _group(q, num_kv_heads):
     return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
 
 
-def _causal(q, k, v, segment_ids):
+def _causal(q, k, v, segment_ids, core=_softmax_attend):
     t, s = q.shape[1], k.shape[1]
     mask = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
     mask = mask[None]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return _softmax_attend(q, k, v, mask)
+    return core(q, k, v, mask)
 
 
-def _local_blockwise(q, k, v, window, segment_ids):
+def _local_blockwise(q, k, v, window, segment_ids, core=_softmax_attend):
     """Sliding-window attention in blocks of C = W queries against 2W keys: O(T * W)."""
     b, t, kh, g, h = q.shape
     c = window
@@ -109,7 +109,7 @@ def _local_blockwise(q, k, v, window, segment_ids):
     dist = jnp.arange(c)[:, None] + c - jnp.arange(2 * c)[None, :]  # [C, 2C]
     band = (dist >= 0) & (dist < window)
     mask = band[None, None] & (sb[..., :, None] == sw[..., None, :])  # [B, nb, C, 2C]
-    out = _softmax_attend(qb, kw, vw, mask)  # [B, nb, C, K, G, H]
+    out = core(qb, kw, vw, mask)  # [B, nb, C, K, G, H]
     return out.reshape(b, nb * c, kh, g, h)[:, :t]
 
 
@@ -124,15 +124,22 @@ def attention(q, k, v, mask: MaskSpec, segment_ids=None):
     Returns:
       [B, T, N, H].
     """
+    return _masked_attention(q, k, v, mask, segment_ids, _softmax_attend)
+
+
+def _masked_attention(q, k, v, mask: MaskSpec, segment_ids, core):
+    """`attention` with the softmax core `core(q, k, v, bool_mask)` (`_softmax_attend`'s
+    signature): the masking and blocking stay shared with the planner's cost stand-in
+    (`kernels/cost_standin.py`), which swaps only the core."""
     b, t, n, h = q.shape
     qg = _group(q, k.shape[2])
     if isinstance(mask, Causal):
-        out = _causal(qg, k, v, segment_ids)
+        out = _causal(qg, k, v, segment_ids, core)
     elif isinstance(mask, LocalWindow):
         if mask.window >= t:  # the window covers everything: plain causal is cheaper
-            out = _causal(qg, k, v, segment_ids)
+            out = _causal(qg, k, v, segment_ids, core)
         else:
-            out = _local_blockwise(qg, k, v, mask.window, segment_ids)
+            out = _local_blockwise(qg, k, v, mask.window, segment_ids, core)
     else:
         raise TypeError(f"Unknown mask spec {mask!r}")
     return out.reshape(b, t, n, h)

@@ -484,3 +484,39 @@ def test_shipped_loop40b_yaml_fits_v5p_128_at_8k():
     exp = exp.replace(train=dataclasses.replace(exp.train, seq_len=8192))
     p = aot.plan(exp, "v5p-128", "train", count_flops=False)
     assert p.fits, p.report()
+
+
+@pytest.mark.parametrize(
+    "platform,attn,standin",
+    [("tpu", "auto", True), ("tpu", "splash", True), ("tpu", "xla", False), ("cpu", "auto", False)],
+)
+def test_counting_compiles_cost_splash_with_the_standin(monkeypatch, platform, attn, standin):
+    """A program that runs splash on the TPU is costed with kernels/cost_standin.py's
+    attention; one that really runs XLA attention (attn=xla, or not a TPU) as it is."""
+    from loopcoder_jax.kernels import cost_standin
+
+    seen = []
+
+    class _Compiled:
+        def cost_analysis(self):
+            return {"flops": 1.0, "optimal_seconds": 2.0, "bytes accessed": 3.0}
+
+    class _Lowered:
+        def compile(self, compiler_options=None):
+            return _Compiled()
+
+    def fake_lower(exp, mesh, rules, mode):
+        seen.append((cost_standin.active(), exp.runtime.attn_impl.value))
+        return _Lowered()
+
+    class _Dev:
+        pass
+
+    dev = _Dev()
+    dev.platform = platform
+    monkeypatch.setattr(aot, "_lower", fake_lower)
+    exp = _tiny_experiment()
+    exp = exp.replace(runtime=exp.runtime.replace(attn_impl=attn))
+    assert aot._counting_cost(exp, 1, None, None, "train", [dev]) == (1.0, 2.0)
+    assert seen == [(standin, "xla")]  # counting compiles always trace XLA attention
+    assert not cost_standin.active()
