@@ -865,11 +865,11 @@ def _parse_mesh(items: Sequence[str]) -> dict[str, int]:
 
 # The remat policy a `--preset` plan uses when neither --remat nor --set runtime.remat says:
 # the shipped recipe's (configs/<preset>.yaml). loop40b's comes from the remat sweep of its
-# v5p-128 8K shape (BENCHMARKS.md "Remat sweep"); the dense presets keep their YAMLs' `full`
-# (the sweep did not cover them; see docs/tpu.md for what it suggests). Other presets (the
-# CPU-sized ones) keep RuntimeConfig's default, `none`.
+# v5p-128 8K shape (docs/tpu.md "Remat sweep": the cheapest policy that fits with margin; the
+# next one, save_qkv_out, needs 94% of HBM); the dense presets keep their YAMLs' `full` (the
+# sweep did not cover them). Other presets (the CPU-sized ones) keep RuntimeConfig's `none`.
 PRESET_REMAT = {
-    "loop40b": Remat.FULL,
+    "loop40b": Remat.SAVE_QKV,
     "dense40b": Remat.FULL,
     "dense14b": Remat.FULL,
     "dense7b": Remat.FULL,
