@@ -645,6 +645,7 @@ def plan(
     *,
     count_flops: bool = True,
     devices: Sequence | None = None,
+    count_only_if_fits: bool = False,
 ) -> Plan:
     """Compiles `mode`'s step of `exp` for `topology` and returns the compiler's numbers.
 
@@ -656,6 +657,8 @@ def plan(
         cache of seq_len positions).
       count_flops: also compile the depth-1/2 unrolled variants for FLOPs and time.
       devices: compile-only devices (default: from libtpu for `topology`).
+      count_only_if_fits: skip the counting compiles when the program does not fit (the
+        remat sweep: one compile for a policy that does not fit, three for one that does).
     """
     if mode not in ("train", "prefill", "decode"):
         raise PlannerError(f"mode={mode!r}; choose train, prefill or decode.")
@@ -678,6 +681,12 @@ def plan(
     hlo = compiled.as_text()
     flops_per_chip, seconds = _cost(compiled)
     depth = exp.model.num_hidden_layers
+    total = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )  # fmt: skip
+    if count_only_if_fits and total > topo.generation.hbm_bytes:
+        count_flops = False
     try:
         if count_flops and depth <= 2:  # unrolling the whole stack is as cheap as extrapolating
             flops_per_chip, seconds = _counting_cost(exp, depth, mesh, rules, mode, devices)
@@ -910,9 +919,10 @@ def remat_table(
     for remat in policies or list(Remat):
         variant = exp.replace(runtime=exp.runtime.replace(remat=remat))
         try:
-            p = plan(variant, topology, mode, count_flops=False, devices=devices)
-            if p.fits and count_flops:
-                p = plan(variant, topology, mode, count_flops=True, devices=devices)
+            p = plan(
+                variant, topology, mode, count_flops=count_flops, devices=devices,
+                count_only_if_fits=True,
+            )  # fmt: skip
         except (jax.errors.JaxRuntimeError, ValueError, NotImplementedError) as e:
             out.append((remat.value, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
             continue
@@ -951,11 +961,26 @@ def _parse_mesh(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
+# The remat policy a `--preset` plan uses when neither --remat nor --set runtime.remat says:
+# the shipped recipe's (configs/<preset>.yaml). loop40b's comes from the remat sweep of its
+# v5p-128 8K shape (docs/tpu.md "Remat sweep": the cheapest policy that fits with margin; the
+# next one, save_qkv_out, needs 94% of HBM); the dense presets keep their YAMLs' `full` (the
+# sweep did not cover them). Other presets (the CPU-sized ones) keep RuntimeConfig's `none`.
+PRESET_REMAT = {
+    "loop40b": Remat.SAVE_QKV,
+    "dense40b": Remat.FULL,
+    "dense14b": Remat.FULL,
+    "dense7b": Remat.FULL,
+}
+
+
 def build_experiment(args) -> ExperimentConfig:
     """The experiment the CLI flags describe: YAML (or preset), then flag overrides."""
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.preset:
         raw = {"model": {"preset": args.preset}, "runtime": {"dtype": "bfloat16"}}
+        if args.preset in PRESET_REMAT:
+            raw["runtime"]["remat"] = PRESET_REMAT[args.preset].value
         exp = ExperimentConfig.from_dict(raw, overrides)
     else:
         exp = ExperimentConfig.from_yaml(args.config, overrides)
@@ -1012,7 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--remat", choices=[r.value for r in Remat],
-        help="remat policy (default: the config's runtime.remat)",
+        help="remat policy (default: the config's runtime.remat; for --preset, the shipped "
+        "recipe's, aot.PRESET_REMAT)",
     )  # fmt: skip
     p.add_argument(
         "--attn", choices=[a.value for a in AttnImpl],
