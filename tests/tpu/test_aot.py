@@ -483,7 +483,8 @@ def test_count_only_if_fits_compiles_a_plan_that_does_not_fit_once(monkeypatch):
     monkeypatch.setattr(aot, "_counting_cost", no_counting)
     exp = _tiny_experiment().replace(mesh=MeshConfig(data=1, fsdp=8, tensor=1, sequence=1))
     p = aot.plan(exp, "v5e-8", count_only_if_fits=True)
-    assert not p.fits and any("count_flops=False" in n for n in p.notes)
+    assert not p.fits and any("not counted" in n for n in p.notes)
+    assert p.compiled_flops_per_chip is None and not p.has_estimate
 
 
 @pytest.mark.slow
