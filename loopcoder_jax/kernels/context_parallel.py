@@ -452,7 +452,10 @@ def _splash_balanced_kernel(t: int, n: int, num_heads: int, interpret):
     its two halves."""
     from loopcoder_jax.kernels import splash
 
-    block_q = splash._block(t // n, splash._MAX_BLOCK)
+    # A query block inside one half skips the most (one that straddles both halves reads the
+    # keys of the later one); the kernel wants multiples of 128 rows.
+    h = t // (2 * n)
+    block_q = splash._block(h if h % _LANES == 0 else 2 * h, splash._MAX_BLOCK)
     block_kv = splash._block(t, splash._MAX_BLOCK)
     return splash._make_kernel_for(
         _row_positions_causal_mask()((t, t), _balanced_positions(t, n)), num_heads, block_q,
