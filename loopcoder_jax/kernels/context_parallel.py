@@ -7,9 +7,15 @@ needs from the other chips:
 
   * `Causal()` (loop 0, and the global branch of loops >= 1): the keys of ALL earlier
     positions. K/V and the segment ids are all-gathered over the sequence axes (MaxText's
-    choice; the gather is transient, and with GQA K/V are N/K times smaller than q), and the
-    local queries attend to the whole gathered sequence with their true global offset
-    (shard i holds positions i*C ... i*C + C - 1).
+    choice; the gather is transient, and with GQA K/V are N/K times smaller than q).
+    Load-balanced: causal work grows with the position, so with contiguous chunks the last
+    shard would do (2n - 1) / n of the average. Cut the sequence into 2n halves of
+    h = C / 2; shard j computes the queries of halves j and 2n - 1 - j, which need
+    (j + 1) + (2n - j) = 2n + 1 key blocks of h: the same on every shard. The query halves
+    move there by two `ppermute`s (each shard sends its halves 2j and 2j + 1; both moves are
+    permutations of the shards) and the outputs move back the same way, so the data layout
+    (halo, positions, segment ids, loss) stays contiguous. `balance=False` keeps the plain
+    path: the shard's own chunk against all T keys (the reference the tests compare with).
   * `LocalWindow(W)` (the local branch): only the W positions before the chunk. A halo
     exchange: shard i receives the last positions of shards i-1, i-2, ... (one
     `ppermute` per neighbour; several when W > C) and attends over [halo, own chunk], so the
@@ -19,11 +25,16 @@ needs from the other chips:
 Segment ids travel with the tokens, so no attention crosses a segment, also at shard
 boundaries; RoPE was applied before (q and k carry their true positions).
 
-Kernels inside the shard: the XLA reference core (`kernels/reference.py`) on every backend,
-or splash (Pallas, TPU) with the right mask offsets: the causal kernel is built for the
-whole [T, T] mask with `q_seq_shards = n` and its block-sparsity tables are sharded with the
-queries (each shard gets its own rows of the mask); the local kernel sees a rectangular
-[C, halo + C] band whose offset is static.
+Kernels inside the shard: XLA on every backend, or splash (Pallas, TPU) with the right mask
+offsets. XLA: the balanced causal branch iterates its 2n + 1 key blocks (unrolled, so the
+planner's FLOP count sees them; offsets from the shard index by `dynamic_slice`), with a
+flash-style merge of per-block softmax statistics (the position mask cuts only the diagonal
+blocks; the segment mask applies to all); the plain path runs the reference core on dense
+[C, T] scores. Splash: the
+causal kernel is built for a [T, T] causal mask whose rows carry the positions of the
+balanced order (`q_seq_shards = n`), and its block-sparsity tables are sharded with the
+queries, so each shard skips the key blocks after its two halves; the local kernel sees a
+rectangular [C, halo + C] band whose offset is static.
 
 Shape legend as in `kernels/reference.py` (B batch, T sequence, C = T / n local chunk,
 N query heads, K kv heads, G = N / K, H head_dim, W window).
