@@ -252,7 +252,8 @@ def test_query_blocks_of_the_global_branch_match(monkeypatch):
         with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
             got_g = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
         for g, w in zip(got_g, want_g, strict=True):
-            np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(balance))
+            atol = 1e-5 * float(jnp.abs(w).max())
+            np.testing.assert_allclose(g, w, atol=atol, err_msg=str(balance))
 
 
 @pytest.mark.parametrize("score_block", [1 << 24, 16])
@@ -302,20 +303,23 @@ def _spy_splash(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "mask",
+    "mask,t",
     [
-        pytest.param(reference.Causal(), id="causal"),
-        pytest.param(reference.LocalWindow(200), id="local200"),  # halo of 2 neighbours
-        pytest.param(reference.LocalWindow(64), id="local64", marks=pytest.mark.slow),
+        pytest.param(reference.Causal(), 512, id="causal"),
+        # halves of 128: query blocks inside one half (at 512 a block spans both halves)
+        pytest.param(reference.Causal(), 1024, id="causal1024", marks=pytest.mark.slow),
+        pytest.param(reference.LocalWindow(200), 512, id="local200"),  # halo of 2 neighbours
+        pytest.param(reference.LocalWindow(64), 512, id="local64", marks=pytest.mark.slow),
     ],
 )
-def test_splash_with_the_sequence_sharded_matches_xla(monkeypatch, mask):
-    """Pallas interpret mode, fsdp=2 x sequence=4: chunks of 128 positions; the causal kernel's
-    mask tables are sharded with the queries, the local one sees the halo band."""
+def test_splash_with_the_sequence_sharded_matches_xla(monkeypatch, mask, t):
+    """Pallas interpret mode, fsdp=2 x sequence=4: chunks of t / 4 positions; the balanced
+    causal kernel's mask tables (rows in the balanced order) are sharded with the queries,
+    the local one sees the halo band."""
     calls = _spy_splash(monkeypatch)
-    b, t = 2, 512
+    b = 2
     q, k, v = _qkv(b, t, 4, 2, 32)
-    seg, _ = _packed(b, t, [[100, 300, 512], [500]])
+    seg, _ = _packed(b, t, [[100, 300, t], [t - 12]])
     with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
         got = jax.jit(lambda q, k, v: cp.attention(q, k, v, mask, seg, AttnImpl.SPLASH))(q, k, v)
     assert calls, "splash did not run"
