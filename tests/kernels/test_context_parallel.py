@@ -227,17 +227,19 @@ def test_sequence_split_four_ways_cuts_per_device_temporaries_to_a_quarter(tiny_
     assert split <= 0.3 * whole, (split / 2**20, whole / 2**20)
 
 
-def test_query_blocks_of_the_global_branch_match(monkeypatch):
+@pytest.mark.parametrize(
+    "balance",
+    # the balanced kernel's sub-blocks are also checked (unsharded) against numpy in CI
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+)
+def test_query_blocks_of_the_global_branch_match(monkeypatch, balance):
     """Long chunks run the XLA global branch in rematerialised query blocks: same result, on
     the plain path (blocks of queries against all keys) and the balanced one (square blocks
     inside each half: two query blocks per half here)."""
     # chunks of 16 (halves of 8): 4 blocks of 4 queries against 64 keys on the plain path,
     # blocks of 4 x 4 on the balanced one
-    blocks = {False: 4 * 64, True: 16}
-    monkeypatch.setattr(cp, "_SCORE_BLOCK", blocks[False])
-    assert cp._query_block(16, 64) == 4
-    monkeypatch.setattr(cp, "_SCORE_BLOCK", blocks[True])
-    assert cp._sub_block(8) == 4
+    monkeypatch.setattr(cp, "_SCORE_BLOCK", 16 if balance else 4 * 64)
+    assert (cp._sub_block(8) if balance else cp._query_block(16, 64)) == 4
     q, k, v = _qkv(2, 64, 4, 2, 8)
     seg, _ = _packed(2, 64, [[20, 50, 64], [30]])
     mask = reference.Causal()
@@ -246,14 +248,11 @@ def test_query_blocks_of_the_global_branch_match(monkeypatch):
         return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, seg)))
 
     want_g = jax.grad(loss(reference.attention), argnums=(0, 1, 2))(q, k, v)
-    for balance in (True, False):
-        monkeypatch.setattr(cp, "_SCORE_BLOCK", blocks[balance])
-        sharded = lambda q, k, v, m, s, b=balance: cp.attention(q, k, v, m, s, balance=b)
-        with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
-            got_g = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
-        for g, w in zip(got_g, want_g, strict=True):
-            atol = 1e-5 * float(jnp.abs(w).max())
-            np.testing.assert_allclose(g, w, atol=atol, err_msg=str(balance))
+    sharded = lambda q, k, v, m, s: cp.attention(q, k, v, m, s, balance=balance)
+    with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
+        got_g = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
 
 
 @pytest.mark.parametrize("score_block", [1 << 24, 16])
