@@ -1,10 +1,11 @@
 """Context parallelism (`kernels/context_parallel.py`) against one device.
 
 The sequence is sharded over the `sequence` mesh axis on 8 fake CPU devices. The plain path
-(one device, whole sequence) is the reference: kernels, then the whole model (logits AND
-gradients, both loops, non-zero gates, GQA 2, packed rows whose segments cross shard
-boundaries, W smaller than, equal to and larger than a shard's chunk), then the splash
-kernel in Pallas interpret mode, then the per-chip memory of a train step.
+(one device, whole sequence) is the reference: kernels (the causal branch both load-balanced
+and on the plain contiguous path, the balanced XLA kernel also against numpy), then the whole
+model (logits AND gradients, both loops, non-zero gates, GQA 2, packed rows whose segments
+cross shard boundaries, W smaller than, equal to and larger than a shard's chunk), then the
+splash kernel in Pallas interpret mode, then the per-chip memory of a train step.
 """
 
 import flax.linen as nn
@@ -73,23 +74,53 @@ def test_kernel_values_and_grads_match_whole_sequence(mesh_name):
     seg, _ = _packed(b, t, [[20, 50, 64], [64], [7, 33, 62], [30]])  # cuts off the shard edges
     chunk = t // MESHES[mesh_name][3]
     windows = (3, chunk + 9) if mesh_name == "fsdp2_seq4" else (3, chunk, chunk + 9)  # CI: 2
-    masks = [reference.Causal()] + [reference.LocalWindow(w) for w in windows]
-    mesh = _mesh(mesh_name)
+    # (mask, balance): the causal mask through the balanced path and (slow meshes; CI runs it
+    # in test_query_blocks_of_the_global_branch_match) the plain contiguous one
+    cases = [(reference.Causal(), True)]
+    cases += [(reference.Causal(), False)] if mesh_name != "fsdp2_seq4" else []
+    cases += [(reference.LocalWindow(w), True) for w in windows]
+    _check_kernel_against_whole_sequence(_mesh(mesh_name), q, k, v, seg, cases)
 
+
+def _check_kernel_against_whole_sequence(mesh, q, k, v, seg, cases):
     def loss(attend, mask):
         return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, seg)))
 
-    for mask in masks:
+    for mask, balance in cases:
         want = reference.attention(q, k, v, mask, seg)
         want_g = jax.grad(loss(reference.attention, mask), argnums=(0, 1, 2))(q, k, v)
+        sharded = lambda q, k, v, m, s, b=balance: cp.attention(q, k, v, m, s, balance=b)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sh.FSDP_TP):
-            got = jax.jit(lambda q, k, v, m=mask: cp.attention(q, k, v, m, seg))(q, k, v)
-            got_g = jax.jit(jax.grad(loss(cp.attention, mask), argnums=(0, 1, 2)))(q, k, v)
-        np.testing.assert_allclose(
-            got, want, atol=1e-5 * float(jnp.abs(want).max()), err_msg=str(mask)
-        )
+            got = jax.jit(lambda q, k, v, m=mask, f=sharded: f(q, k, v, m, seg))(q, k, v)
+            got_g = jax.jit(jax.grad(loss(sharded, mask), argnums=(0, 1, 2)))(q, k, v)
+        what = f"{mask} balance={balance}"
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), err_msg=what)
         for g, w in zip(got_g, want_g, strict=True):
-            np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(mask))
+            np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=what)
+
+
+@pytest.mark.slow
+def test_balanced_causal_with_an_odd_number_of_shards():
+    """sequence=3 (6 of the 8 devices): a shard computes one half it holds and one it gets."""
+    mesh = Mesh(np.array(jax.devices()[:6]).reshape(1, 2, 1, 3), sh.MESH_AXES)
+    q, k, v = _qkv(2, 48, 4, 2, 8)
+    seg, _ = _packed(2, 48, [[11, 30, 48], [41]])
+    _check_kernel_against_whole_sequence(mesh, q, k, v, seg, [(reference.Causal(), True)])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 16])
+def test_balanced_halves_are_a_balanced_permutation(n):
+    """Shard j computes halves j and 2n-1-j; the two sends are permutations of the shards."""
+    send0, send1 = cp._balanced_sends(n)
+    for send in (send0, send1):
+        assert sorted(d for _, d in send) == list(range(n))
+    got = {}
+    for slot, send in enumerate((send0, send1)):
+        for s, d in send:
+            got.setdefault(d, {})[slot] = 2 * s + slot  # half 2s + slot lands on shard d
+    for j in range(n):
+        assert sorted(got[j].values()) == [j, 2 * n - 1 - j]
+        assert (got[j][0], got[j][1]) == tuple(int(x) for x in cp._received_halves(j, n, np))
 
 
 def test_local_branch_is_a_halo_exchange_and_causal_an_all_gather():
@@ -196,10 +227,19 @@ def test_sequence_split_four_ways_cuts_per_device_temporaries_to_a_quarter(tiny_
     assert split <= 0.3 * whole, (split / 2**20, whole / 2**20)
 
 
-def test_query_blocks_of_the_global_branch_match(monkeypatch):
-    """Long chunks run the XLA global branch in rematerialised query blocks: same result."""
-    monkeypatch.setattr(cp, "_SCORE_BLOCK", 4 * 64)  # chunks of 16 -> 4 blocks of 4 queries
-    assert cp._query_block(16, 64) == 4
+@pytest.mark.parametrize(
+    "balance",
+    # the balanced kernel's sub-blocks are also checked (unsharded) against numpy in CI
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+)
+def test_query_blocks_of_the_global_branch_match(monkeypatch, balance):
+    """Long chunks run the XLA global branch in rematerialised query blocks: same result, on
+    the plain path (blocks of queries against all keys) and the balanced one (square blocks
+    inside each half: two query blocks per half here)."""
+    # chunks of 16 (halves of 8): 4 blocks of 4 queries against 64 keys on the plain path,
+    # blocks of 4 x 4 on the balanced one
+    monkeypatch.setattr(cp, "_SCORE_BLOCK", 16 if balance else 4 * 64)
+    assert (cp._sub_block(8) if balance else cp._query_block(16, 64)) == 4
     q, k, v = _qkv(2, 64, 4, 2, 8)
     seg, _ = _packed(2, 64, [[20, 50, 64], [30]])
     mask = reference.Causal()
@@ -208,10 +248,49 @@ def test_query_blocks_of_the_global_branch_match(monkeypatch):
         return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, seg)))
 
     want_g = jax.grad(loss(reference.attention), argnums=(0, 1, 2))(q, k, v)
+    sharded = lambda q, k, v, m, s: cp.attention(q, k, v, m, s, balance=balance)
     with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
-        got_g = jax.jit(jax.grad(loss(cp.attention), argnums=(0, 1, 2)))(q, k, v)
+        got_g = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.parametrize("score_block", [1 << 24, 16])
+def test_balanced_causal_kernel_against_numpy(monkeypatch, score_block):
+    """The balanced XLA kernel of one shard (halves 1 and 6 of 8), against a few lines of
+    numpy softmax attention: independent of the reference kernel."""
+    monkeypatch.setattr(cp, "_SCORE_BLOCK", score_block)  # 16: two query blocks per half
+    b, t, h = 2, 64, 8  # n = 4 shards of C = 16
+    q, k, v = (np.asarray(x, np.float64) for x in _qkv(b, t, 4, 2, 8, seed=3))
+    seg = np.asarray(_packed(b, t, [[10, 52, 64], [64]])[0])
+    rows = np.concatenate([np.arange(8, 16), np.arange(48, 56)])  # halves 1 and 6
+    as32 = lambda x: jnp.asarray(x, jnp.float32)
+    got = cp._balanced_causal(
+        as32(q[:, rows]), as32(k), as32(v), jnp.asarray(seg[:, rows]), jnp.asarray(seg), (1, 6)
+    )
+    want = np.zeros((b, 2 * h, 4, 8))
+    for bi in range(b):
+        for i, pos in enumerate(rows):
+            keys = [j for j in range(pos + 1) if seg[bi, j] == seg[bi, pos]]
+            for head in range(4):
+                kv = head // 2  # GQA: query heads 0, 1 read kv head 0
+                s = k[bi, keys, kv] @ q[bi, pos, head] / np.sqrt(8)
+                p = np.exp(s - s.max())
+                want[bi, i, head] = p @ v[bi, keys, kv] / p.sum()
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_balanced_splash_mask_gives_every_shard_the_same_blocks():
+    """The splash kernel's block tables (what it computes, not what it skips): with the
+    balanced rows every shard has the same number of key blocks; contiguous chunks do not."""
+    t, n = 4096, 4
+    for kernel, balanced in (
+        (cp._splash_balanced_kernel(t, n, 1, True), True),
+        (cp._splash_causal_kernel(t, n, 1, True), False),
+    ):
+        for info in (kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info):
+            blocks = [int((r > 0).sum()) for r in np.split(np.asarray(info.block_mask), n, 1)]
+            assert (len(set(blocks)) == 1) == balanced, blocks
 
 
 # ---------------------------------------------------------------------------- splash
@@ -223,20 +302,23 @@ def _spy_splash(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "mask",
+    "mask,t",
     [
-        pytest.param(reference.Causal(), id="causal"),
-        pytest.param(reference.LocalWindow(200), id="local200"),  # halo of 2 neighbours
-        pytest.param(reference.LocalWindow(64), id="local64", marks=pytest.mark.slow),
+        pytest.param(reference.Causal(), 512, id="causal"),
+        # halves of 128: query blocks inside one half (at 512 a block spans both halves)
+        pytest.param(reference.Causal(), 1024, id="causal1024", marks=pytest.mark.slow),
+        pytest.param(reference.LocalWindow(200), 512, id="local200"),  # halo of 2 neighbours
+        pytest.param(reference.LocalWindow(64), 512, id="local64", marks=pytest.mark.slow),
     ],
 )
-def test_splash_with_the_sequence_sharded_matches_xla(monkeypatch, mask):
-    """Pallas interpret mode, fsdp=2 x sequence=4: chunks of 128 positions; the causal kernel's
-    mask tables are sharded with the queries, the local one sees the halo band."""
+def test_splash_with_the_sequence_sharded_matches_xla(monkeypatch, mask, t):
+    """Pallas interpret mode, fsdp=2 x sequence=4: chunks of t / 4 positions; the balanced
+    causal kernel's mask tables (rows in the balanced order) are sharded with the queries,
+    the local one sees the halo band."""
     calls = _spy_splash(monkeypatch)
-    b, t = 2, 512
+    b = 2
     q, k, v = _qkv(b, t, 4, 2, 32)
-    seg, _ = _packed(b, t, [[100, 300, 512], [500]])
+    seg, _ = _packed(b, t, [[100, 300, t], [t - 12]])
     with jax.set_mesh(_mesh("fsdp2_seq4")), nn.logical_axis_rules(sh.FSDP_TP):
         got = jax.jit(lambda q, k, v: cp.attention(q, k, v, mask, seg, AttnImpl.SPLASH))(q, k, v)
     assert calls, "splash did not run"
