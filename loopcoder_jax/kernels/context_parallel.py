@@ -52,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from loopcoder_jax import sharding as sh
 from loopcoder_jax.config import AttnImpl
-from loopcoder_jax.kernels import reference
+from loopcoder_jax.kernels import cost_standin, reference
 from loopcoder_jax.kernels.reference import Causal, LocalWindow, MaskSpec
 
 # Segment id of halo positions that do not exist (before the start of the sequence): real
@@ -331,7 +331,10 @@ def _balanced_causal(q, k_all, v_all, seg_q, seg_all, halves):
     bq = _sub_block(h)
     m = h // bq
     qg = reference._group(q, kh)  # [B, C, K, G, H]
-    block = jax.checkpoint(_block_stats)
+    # The score dtype is bound here, outside the checkpointed function: jax caches the traced
+    # block per function, and a counting compile must not reuse a float32 trace (or back).
+    score_dtype = q.dtype if cost_standin.active() else jnp.float32
+    block = jax.checkpoint(functools.partial(_block_stats, score_dtype=score_dtype))
     halves_out = [[], []]
     for r in range(m):
         rows = [slice(r * bq, (r + 1) * bq), slice(h + r * bq, h + (r + 1) * bq)]
@@ -357,23 +360,34 @@ def _balanced_causal(q, k_all, v_all, seg_q, seg_all, halves):
     return out.reshape(b, c, nh, hd).astype(q.dtype)
 
 
-def _block_stats(q, k, v, seg_q, seg_k, q_start, k_start):
+def _block_stats(q, k, v, seg_q, seg_k, q_start, k_start, *, score_dtype=jnp.float32):
     """One (query, key) block: (row max, row sum of exp, unnormalised output), float32.
 
     q: [B, Bq, K, G, H] at positions q_start..; k, v: [B, Bk, K, H] at k_start..
     Returns ([B, K, G, Bq], [B, K, G, Bq], [B, K, G, Bq, H]).
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    # float32 scores (DESIGN.md §1), except in the planner's counting compiles, which cost
+    # this path in splash's place: there the scores are in the compute dtype, as in
+    # `kernels/cost_standin.py` (splash keeps them in VMEM; the float32 [Bq, Bk] blocks'
+    # HBM traffic would be an artefact of the stand-in). Never executed that way.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=score_dtype)
+    scores = scores * jnp.asarray(scale, score_dtype)
     q_pos = q_start + jnp.arange(q.shape[1])
     k_pos = k_start + jnp.arange(k.shape[1])
     visible = (q_pos[:, None] >= k_pos[None, :])[None] & (seg_q[:, :, None] == seg_k[:, None, :])
-    scores = jnp.where(visible[:, None, None], scores, reference._MASKED)
+    masked = (
+        reference._MASKED
+        if score_dtype == jnp.float32
+        else jnp.asarray(jnp.finfo(score_dtype).min / 2, score_dtype)
+    )
+    scores = jnp.where(visible[:, None, None], scores, masked)
     # Softmax is shift invariant: the shift needs no gradient.
     row_max = jax.lax.stop_gradient(scores.max(axis=-1))
     p = jnp.exp(scores - row_max[..., None])
     out = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return row_max, p.sum(axis=-1), out
+    total = p.sum(axis=-1, dtype=jnp.float32)
+    return row_max.astype(jnp.float32), total, out
 
 
 def _merge(parts):
@@ -407,7 +421,9 @@ def _local_shard(q, k, v, seg, kernel, *, axis, n, window, halo):
     # The blockwise O(C * W) reference kernel over the extended chunk; the halo's own query
     # rows are zeros whose outputs are dropped (their cost is halo * 2W, next to C * 2W).
     q_ext = jnp.pad(q, ((0, 0), (halo, 0), (0, 0), (0, 0)))
-    out = reference.attention(q_ext, k_ext, v_ext, LocalWindow(window), seg_ext)
+    # (In the planner's counting compiles, the compute-dtype stand-in: see `_block_stats`.)
+    attend = cost_standin.attention if cost_standin.active() else reference.attention
+    out = attend(q_ext, k_ext, v_ext, LocalWindow(window), seg_ext)
     return out[:, halo : halo + c]
 
 
@@ -436,7 +452,9 @@ def _halo(x, axis, n: int, length: int, fill=None):
 def _attend(q, k, v, visible):
     """q [B, C, N, H] against k, v [B, S, K, H] where visible [B, C, S]: the reference core."""
     b, c, nh, hd = q.shape
-    out = reference._softmax_attend(reference._group(q, k.shape[2]), k, v, visible)
+    # The planner's counting compiles: the compute-dtype core (see `_block_stats`).
+    core = cost_standin._dot_product_core if cost_standin.active() else reference._softmax_attend
+    out = core(reference._group(q, k.shape[2]), k, v, visible)
     return out.reshape(b, c, nh, hd)
 
 

@@ -66,3 +66,39 @@ def test_kernels_attention_uses_the_standin_only_while_counting(monkeypatch):
         assert cost_standin.active()
         kernels.attention(q, k, v, kernels.Causal(), None, AttnImpl.XLA)
     assert len(calls) == 1 and not cost_standin.active()
+
+
+def test_context_parallel_counting_compiles_use_the_standin_too():
+    """With the sequence sharded, the planner's counting compile costs the context-parallel
+    XLA kernels (balanced causal blocks, the local halo) with compute-dtype scores, like the
+    one-device stand-in; the values are still attention (bf16 tolerance), and outside
+    `counting()` the scores stay float32 (the numerics path is unchanged)."""
+    import flax.linen as nn
+    from jax.sharding import Mesh
+
+    from loopcoder_jax import sharding as sh
+    from loopcoder_jax.kernels import context_parallel as cp
+
+    devices = jax.devices()
+    if len(devices) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    mesh = Mesh(np.array(devices[:4]).reshape(1, 1, 1, 4), sh.MESH_AXES)
+    q, k, v = qkv(2, 64, 4, 2, 16, jnp.bfloat16)
+    for mask in (reference.Causal(), reference.LocalWindow(6)):
+        want = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
+        f = jax.jit(lambda q, k, v, m=mask: cp.attention(q, k, v, m, None))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sh.FSDP_TP):
+            plain = f.lower(q, k, v).as_text()
+            with cost_standin.counting():
+                counted = jax.jit(lambda q, k, v, m=mask: cp.attention(q, k, v, m, None))
+                text = counted.lower(q, k, v).as_text()
+                got = counted(q, k, v)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.1)
+        # the score einsums (outputs [..., queries, keys]; the PV products end in H = 16):
+        # float32 on the plain path, the compute dtype in the counting compile
+        def score_dtypes(hlo):
+            outs = [ln.rsplit("->", 1)[-1] for ln in hlo.splitlines() if "dot_general" in ln]
+            return {o.strip()[-5:] for o in outs if "x16x" not in o and "x16xf" not in o}
+
+        assert score_dtypes(plain) == {"xf32>"}, score_dtypes(plain)
+        assert score_dtypes(text) == {"bf16>"}, score_dtypes(text)
