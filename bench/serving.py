@@ -4,9 +4,11 @@ A. Skewed batch job: `--requests` prompts of 16-512 tokens, max_new_tokens drawn
    (numpy seed `--seed`), greedy, `--slots` rows at a time:
      static: today's `Engine.generate` over consecutive batches of `--slots` prompts, each
        batch generating its longest max_new_tokens (rows truncated to their own budget);
-     continuous: `serving.Scheduler` with `--slots` slots (rows refilled as they finish).
+     continuous: `serving.Scheduler` with `--slots` slots (rows refilled as they finish;
+       prompts of at most `--chunk` tokens prefilled up to `--prefill-rows` to a call).
    Generated tokens / wall time, compile excluded (a full warm-up pass of each first), median
-   of `--repeats`; the greedy outputs must be identical.
+   of `--repeats`; the greedy outputs must be identical, and nothing may compile after the
+   warm-up (`compiles_after_warmup` counts XLA backend compiles during the timed runs).
 B. Server overhead: `--requests` text prompts through the HTTP app (`serving.http`, uvicorn on
    127.0.0.1) with the `openai` client and `--streams` concurrent streaming requests, against
    the same requests submitted straight to the same `Scheduler` by `--streams` threads; the two
@@ -85,21 +87,36 @@ def run_static(engine, params, prompts, news, slots, eos):
     return out
 
 
-def run_continuous(slot_engine, prompts, news, eos):
-    reqs = Scheduler(slot_engine, eos).generate(
-        [Request(p, n) for p, n in zip(prompts, news, strict=True)]
-    )
+def run_continuous(slot_engine, prompts, news, eos, stats=None):
+    sched = Scheduler(slot_engine, eos)
+    reqs = sched.generate([Request(p, n) for p, n in zip(prompts, news, strict=True)])
+    if stats is not None:
+        stats.clear()
+        stats.update(sched.stats)
     return [r.tokens for r in reqs]
 
 
+_COMPILES = [0]
+
+
+def _count_compiles(event, duration_secs, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
 def timed(fn, repeats):
+    """(seconds of each run, last output, XLA compiles during the timed runs) after one warm-up."""
     fn()  # warm-up: every shape compiled
     times, out = [], None
+    before = _COMPILES[0]
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return times, out, _COMPILES[0] - before
 
 
 def part_a(args, cfg, params, engine, eos):
@@ -112,12 +129,17 @@ def part_a(args, cfg, params, engine, eos):
             max_length=512 + 256,
             chunk=args.chunk,
             steps_per_call=args.steps_per_call,
+            prefill_rows=args.prefill_rows,
         ),
     )
-    t_static, static = timed(
+    static_runs, static, c_static = timed(
         lambda: run_static(engine, params, prompts, news, args.slots, eos), args.repeats
     )
-    t_cont, cont = timed(lambda: run_continuous(slot_engine, prompts, news, eos), args.repeats)
+    stats = {}
+    cont_runs, cont, c_cont = timed(
+        lambda: run_continuous(slot_engine, prompts, news, eos, stats), args.repeats
+    )
+    t_static, t_cont = statistics.median(static_runs), statistics.median(cont_runs)
     new = sum(len(t) for t in cont)
     assert [len(t) for t in static] == [len(t) for t in cont]
     same = sum(a == b for a, b in zip(static, cont, strict=True))
@@ -126,7 +148,11 @@ def part_a(args, cfg, params, engine, eos):
         requests=args.requests,
         slots=args.slots,
         steps_per_call=args.steps_per_call,
+        prefill_rows=args.prefill_rows,
         prompt_tokens=sum(map(len, prompts)),
+        prefill_positions=stats.get("prefill_positions"),
+        prefill_calls=stats.get("prefill_calls"),
+        decode_calls=stats.get("decode_calls"),
         new_tokens=new,
         static_s=round(t_static, 3),
         continuous_s=round(t_cont, 3),
@@ -134,6 +160,9 @@ def part_a(args, cfg, params, engine, eos):
         continuous_tok_s=round(new / t_cont, 1),
         speedup=round(t_static / t_cont, 2),
         identical_outputs=f"{same}/{len(cont)}",
+        compiles_after_warmup=dict(static=c_static, continuous=c_cont),
+        static_runs=[round(t, 2) for t in static_runs],
+        continuous_runs=[round(t, 2) for t in cont_runs],
     )
 
 
@@ -246,6 +275,7 @@ def main():
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--steps-per-call", type=int, default=4, help="continuous: decode steps/call")
+    p.add_argument("--prefill-rows", type=int, default=8, help="continuous: prompts per prefill")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per chunk")
     p.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call")
+    p.add_argument(
+        "--prefill-rows", type=int, default=8,
+        help="most prompts (of at most --prefill-chunk tokens) prefilled in one call",
+    )  # fmt: skip
     p.add_argument("--max-pending", type=int, default=256, help="queued requests before 429")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to drain on exit")
     p.add_argument("--unroll-layers", action="store_true", help="see infer.py --unroll-layers")
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    for name in ("slots", "prefill_chunk", "steps_per_call", "max_pending"):
+    for name in ("slots", "prefill_chunk", "steps_per_call", "prefill_rows", "max_pending"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_context is not None and args.max_context < 2:
@@ -177,6 +181,7 @@ def build(args):
                 max_length=context,
                 chunk=args.prefill_chunk,
                 steps_per_call=args.steps_per_call,
+                prefill_rows=args.prefill_rows,
             ),
         )
     except GenerationError as e:

@@ -1,12 +1,20 @@
 """Decode slots for continuous batching: the device programs (JetStream's prefill/insert/generate).
 
-A fixed number of slots B share one decode cache of S positions per slot. A request is
-prefilled alone into a batch-1 cache, C tokens at a time (`LoopCoder.prefill_chunk`, chunk
-lengths bucketed to powers of two up to C), then *inserted* into a free slot, where its first
-token is sampled. `decode` runs a few steps for every slot at once with per-slot positions,
-sampling parameters, PRNG keys and token budgets; a slot that generates a stop id or runs out
-of budget goes inactive within the call and its cache row is left to be overwritten by the
-next insert. Every program has fixed shapes and is compiled once: requests never recompile.
+A fixed number of slots B share one decode cache of S positions per slot. Prefill:
+  * a prompt of at most C tokens is prefilled in one chunk, batched with other such prompts
+    (`prefill_insert`: R prompts of one length bucket -> one `LoopCoder.prefill_chunk` call on
+    a fresh R-row cache of T positions, whose rows are then written straight into their slots,
+    where each request's first token is sampled: prefill and insert are one program);
+  * a longer prompt runs alone through a batch-1 cache, C tokens at a time
+    (`new_prefill` / `prefill_chunk`), and is then *inserted* into its slot (`insert`).
+Chunk lengths T are bucketed (`SlotEngine.buckets`: powers of two up to a step, then multiples
+of the step up to C) and batch rows R to powers of two, so the programs are few and fixed.
+`decode` runs a few steps for every slot at once with per-slot positions, sampling
+parameters, PRNG keys and token budgets; a slot that generates a stop id or runs out of budget
+goes inactive within the call and its cache row is left to be overwritten by the next insert.
+Every program has fixed shapes and is compiled once: requests never recompile. The `*_async`
+methods return device arrays without waiting, so a scheduler step dispatches its prefills
+and its decode call and then reads everything back with one transfer.
 
 Who decides what runs when (queues, callbacks, cancellation) is `serving/scheduler.py`.
 
@@ -16,6 +24,8 @@ Shape legend as in model/loopcoder.py; B here is the number of slots, P decode s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -30,6 +40,8 @@ from loopcoder_jax.generate import Engine, GenerationError, Sampling, _to_global
 from loopcoder_jax.model import LoopCoder
 
 MIN_CHUNK = 16  # smallest chunk bucket
+MIN_BUCKET_STEP = 64  # chunk buckets are multiples of the step (>= this) above it
+MAX_STEP_BUCKETS = 8  # at most this many multiples of the step (the step grows with C)
 
 
 @flax.struct.dataclass
@@ -73,19 +85,92 @@ def sample_rows(keys, logits, temperature, top_k, top_p):
     return jnp.where(temperature > 0, tok, greedy)
 
 
+class SlotRequest(NamedTuple):
+    """One prompt for `SlotEngine.prefill_insert_async` and the settings of its slot."""
+
+    prompt: Sequence[int]
+    slot: int
+    seed: int = 0
+    sampling: Sampling = Sampling()
+    max_new_tokens: int = 1
+    ignore_eos: bool = False
+
+
+def chunk_buckets(chunk: int) -> list[int]:
+    """Prefill chunk lengths for a longest chunk C: powers of two from MIN_CHUNK up to a step,
+    then the multiples of the step up to C (step = max(MIN_BUCKET_STEP, C / MAX_STEP_BUCKETS)
+    rounded up to a multiple of MIN_CHUNK), and C itself. C = 512: 16, 32, 64, 128, ..., 512
+    (10 lengths; a prompt is padded by less than 64 tokens, not up to 2x)."""
+    step = max(MIN_BUCKET_STEP, -(-chunk // MAX_STEP_BUCKETS))
+    step = -(-step // MIN_CHUNK) * MIN_CHUNK
+    out = {min(MIN_CHUNK * 2**i, chunk) for i in range(32) if MIN_CHUNK * 2**i < step}
+    out |= {min(step * i, chunk) for i in range(1, -(-chunk // step) + 1)}
+    return sorted(b for b in out if b <= chunk)
+
+
+def _put_row(big, small, axis: int, slot):
+    """big with `small` (size 1 on `axis`) written at index `slot` of `axis`, from 0 elsewhere."""
+    starts = [0] * big.ndim
+    starts[axis] = slot
+    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), starts)
+
+
+def _write_rows(cache: LoopCache, rows: LoopCache, slots) -> LoopCache:
+    """The slots' cache with rows.[r] written into slot slots[r] (r = 0..R-1, in order): the
+    loop-0 K/V at positions 0..T-1 (T <= S) and the whole ring buffers. Lengths unchanged."""
+    gk, gv, lk, lv = cache.global_k, cache.global_v, cache.local_k, cache.local_v
+    for r in range(rows.global_k.shape[1]):
+        gk = _put_row(gk, rows.global_k[:, r : r + 1], 1, slots[r])
+        gv = _put_row(gv, rows.global_v[:, r : r + 1], 1, slots[r])
+        lk = _put_row(lk, rows.local_k[:, :, r : r + 1], 2, slots[r])
+        lv = _put_row(lv, rows.local_v[:, :, r : r + 1], 2, slots[r])
+    return cache.replace(global_k=gk, global_v=gv, local_k=lk, local_v=lv)
+
+
+def _activate(state: SlotState, slots, logits, rows, lengths, eos_ids):
+    """Samples the first token of R requests just written into `slots` and starts them.
+
+    logits: [R, V] at each prompt's last token; rows: per-row (key data [R, 2], temperature,
+    top_k, top_p, max_new_tokens, use_eos); lengths: [R] prompt lengths. Token 0 of a request
+    is sampled with fold_in(key, 0), as in decode. Returns (state, [R, 2] int32: first token,
+    done). A request done at once leaves its slot free (cache length 0).
+    """
+    keys, temperature, top_k, top_p, budget, use_eos = rows
+    first = jax.vmap(lambda k: jax.random.fold_in(k, 0))(jax.random.wrap_key_data(keys))
+    tok = sample_rows(first, logits, temperature, top_k, top_p)
+    done = (jnp.isin(tok, eos_ids) & use_eos) | (budget <= 1)
+    state = SlotState(
+        cache=state.cache.replace(
+            lengths=state.cache.lengths.at[slots].set(jnp.where(done, 0, lengths))
+        ),
+        tokens=state.tokens.at[slots].set(tok),
+        keys=state.keys.at[slots].set(keys),
+        steps=state.steps.at[slots].set(1),
+        remaining=state.remaining.at[slots].set(budget - 1),
+        active=state.active.at[slots].set(~done),
+        temperature=state.temperature.at[slots].set(temperature),
+        top_k=state.top_k.at[slots].set(top_k),
+        top_p=state.top_p.at[slots].set(top_p),
+        use_eos=state.use_eos.at[slots].set(use_eos),
+    )
+    return state, jnp.stack([tok, done.astype(jnp.int32)], axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotConfig:
     """slots: decode rows B; max_length: positions per slot (prompt + new tokens, rounded up to
     the decode block); chunk: the longest prefill chunk C; steps_per_call: decode steps P per
-    device call (a finished slot is refilled after at most P steps)."""
+    device call (a finished slot is refilled after at most P steps); prefill_rows: the most
+    prompts one batched prefill call runs (capped at `slots`)."""
 
     slots: int = 8
     max_length: int = 2048
     chunk: int = 512
     steps_per_call: int = 4
+    prefill_rows: int = 8
 
     def __post_init__(self):
-        for name in ("slots", "max_length", "chunk", "steps_per_call"):
+        for name in ("slots", "max_length", "chunk", "steps_per_call", "prefill_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise GenerationError(f"{name} must be a positive integer, got {value!r}.")
@@ -110,8 +195,11 @@ class SlotEngine:
         # Cache positions: a whole number of decode blocks (see `Engine._prepare`).
         self.cache_length = -(-self.max_length // engine.decode_block) * engine.decode_block
         self.chunk = max(MIN_CHUNK, config.chunk)
-        self.buckets = [min(MIN_CHUNK * 2**i, self.chunk) for i in range(32)]
-        self.buckets = sorted({b for b in self.buckets if b <= self.chunk})
+        self.buckets = chunk_buckets(self.chunk)
+        # Batched prefill: R prompts per call, R a power of two (a short group is padded with
+        # copies of its last row, which write the same slot with the same values).
+        most = min(config.prefill_rows, config.slots)
+        self.row_buckets = [2**i for i in range(most.bit_length()) if 2**i <= most]
         self.steps_per_call = config.steps_per_call
         self.dtype = jnp.dtype(engine.runtime.dtype)
 
@@ -152,10 +240,16 @@ class SlotEngine:
                 out_shardings=(self.state_shardings, rep),
                 donate_argnums=(0,),
             )
+            self._prefill_insert = jax.jit(
+                self._prefill_insert_impl,
+                in_shardings=(engine.param_shardings, self.state_shardings) + (rep,) * 5,
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(1,),
+            )
             self._decode = jax.jit(
                 self._decode_impl,
                 in_shardings=(engine.param_shardings, self.state_shardings, rep),
-                out_shardings=(self.state_shardings, rep, rep),
+                out_shardings=(self.state_shardings, rep),
                 donate_argnums=(1,),
             )
             self._release = jax.jit(
@@ -185,76 +279,58 @@ class SlotEngine:
                 {"params": params}, ids, cache1, n, method=LoopCoder.prefill_chunk
             )
 
-    def _insert_impl(self, state: SlotState, cache1: LoopCache, logits, slot, row, eos_ids):
-        """Writes the prefilled row into `slot` and samples its first token.
+    def _insert_impl(self, state: SlotState, cache: LoopCache, logits, slots, rows, eos_ids):
+        """Writes R prefilled cache rows into their slots and samples each first token.
 
-        row: (key data [2] uint32, temperature, top_k, top_p, max_new_tokens, use_eos) of the
-          request.
-        Returns (state, [first token, done]).
+        cache: R rows of T <= S positions (a batch-1 cache of the long-prompt path, or the
+        fresh rows of `_prefill_rows_impl`); logits: [R, V] at each prompt's last token; slots: [R];
+        rows: per-row (key data [R, 2] uint32, temperature, top_k, top_p, max_new_tokens,
+        use_eos). Returns (state, [R, 2] int32: first token, done).
         """
-        key, temperature, top_k, top_p, budget, use_eos = row
+        state = state.replace(cache=_write_rows(state.cache, cache, slots))
+        return _activate(state, slots, logits, rows, cache.lengths, eos_ids)
 
-        def put(big, small, axis):
-            starts = [0] * big.ndim
-            starts[axis] = slot
-            return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), starts)
+    def _prefill_rows_impl(self, params, ids, lengths):
+        """R whole prompts (ids [R, T], T <= C) in one chunk on a fresh R-row cache of T
+        positions: (logits [R, V] at each last token, the cache)."""
+        r, t = ids.shape
+        cache = init_cache(self.cfg, r, t, self.dtype)
+        with nn.logical_axis_rules(self._rules1):
+            return self.model.apply(
+                {"params": params}, ids, cache, lengths, method=LoopCoder.prefill_chunk
+            )
 
-        c = state.cache
-        cache = LoopCache(
-            global_k=put(c.global_k, cache1.global_k, 1),
-            global_v=put(c.global_v, cache1.global_v, 1),
-            local_k=put(c.local_k, cache1.local_k, 2),
-            local_v=put(c.local_v, cache1.local_v, 2),
-            lengths=put(c.lengths, cache1.lengths, 0),
-        )
-        wrapped = jax.random.wrap_key_data(key)
-        tok = sample_rows(
-            jax.random.fold_in(wrapped, 0)[None],
-            logits,
-            temperature[None],
-            top_k[None],
-            top_p[None],
-        )[0]
-        done = (jnp.isin(tok, eos_ids) & use_eos) | (budget <= 1)
+    def _prefill_insert_impl(self, params, state: SlotState, ids, lengths, slots, rows, eos_ids):
+        """Prefills R whole prompts in one chunk and inserts each into its slot.
 
-        def set_(x, value):
-            return x.at[slot].set(value)
-
-        state = SlotState(
-            cache=cache,
-            tokens=set_(state.tokens, tok),
-            keys=state.keys.at[slot].set(key),
-            steps=set_(state.steps, 1),
-            remaining=set_(state.remaining, budget - 1),
-            active=set_(state.active, ~done),
-            temperature=set_(state.temperature, temperature),
-            top_k=set_(state.top_k, top_k),
-            top_p=set_(state.top_p, top_p),
-            use_eos=set_(state.use_eos, use_eos),
-        )
-        # A row finished at once is free: its length goes back to 0 (no cache reads).
-        lengths = state.cache.lengths.at[slot].set(jnp.where(done, 0, cache1.lengths[0]))
-        state = state.replace(cache=state.cache.replace(lengths=lengths))
-        return state, jnp.stack([tok, done.astype(jnp.int32)])
+        ids: [R, T] right-padded prompts (T <= C, a bucket); lengths: [R] their lengths;
+        slots: [R] the slot of each row; rows: per-row (key data [R, 2], temperature, top_k,
+        top_p, max_new_tokens, use_eos), as in `_insert_impl`. A fresh R-row cache of T
+        positions holds the chunk (nothing before it); row r's K/V then go to positions 0..T-1
+        of slot slots[r] (what lies past its length is overwritten before it is read) and its
+        ring buffers replace the slot's. Returns (state, [R, 2] int32: first token, done).
+        """
+        logits, cache = self._prefill_rows_impl(params, ids, lengths)
+        return self._insert_impl(state, cache, logits, slots, rows, eos_ids)
 
     def _decode_impl(self, params, state: SlotState, eos_ids):
         """Up to P decode steps for every slot, on device.
 
-        Returns (state, tokens [B, P] int32, emitted [B, P] bool). A slot emits while active;
-        it goes inactive after a stop id or when its budget is spent, and its cache length is
-        then reset to 0, so a free slot costs one cheap write per step and no cache reads.
+        Returns (state, tokens [B, P] int32, -1 where the slot emitted nothing). A slot emits
+        while active; it goes inactive after a stop id or when its budget is spent, and its
+        cache length is then reset to 0, so a free slot costs one cheap write per step and no
+        cache reads.
         """
         p = self.steps_per_call
         b = self.slots
-        out = jnp.zeros((b, p), jnp.int32)
-        emitted = jnp.zeros((b, p), bool)
+        out = jnp.full((b, p), -1, jnp.int32)
 
         def cond(carry):
-            j, state, _, _ = carry
+            j, state, _ = carry
             return (j < p) & jnp.any(state.active)
 
         def body(carry):
-            j, state, out, emitted = carry
+            j, state, out = carry
             with nn.logical_axis_rules(self.engine.rules):
                 logits, cache = self.model.apply(
                     {"params": params},
@@ -276,12 +352,11 @@ class SlotEngine:
                 remaining=state.remaining - act.astype(jnp.int32),
                 active=still,
             )
-            out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, j))
-            emitted = jax.lax.dynamic_update_slice(emitted, act[:, None], (0, j))
-            return j + 1, state, out, emitted
+            out = jax.lax.dynamic_update_slice(out, jnp.where(act, tok, -1)[:, None], (0, j))
+            return j + 1, state, out
 
-        _, state, out, emitted = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, emitted))
-        return state, out, emitted
+        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+        return state, out
 
     def _release_impl(self, state: SlotState, slot):
         return state.replace(
@@ -313,23 +388,12 @@ class SlotEngine:
                 self.params, cache1, _to_global(arr, self._rep), _to_global(n, self._rep)
             )
 
-    def insert(
-        self,
-        cache1,
-        logits,
-        slot: int,
-        *,
-        seed: int,
-        sampling: Sampling,
-        max_new_tokens: int,
-        eos_ids,
-        ignore_eos: bool = False,
-    ) -> tuple[int, bool]:
-        """Puts a prefilled request into `slot`; returns (first token, finished already)."""
+    def _row(self, seed, sampling: Sampling, max_new_tokens: int, ignore_eos: bool):
+        """Host values of a request's per-slot settings (see `_insert_impl`)."""
         key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         top_k = self.cfg.vocab_size if sampling.top_k is None else sampling.top_k
         top_p = 1.0 if sampling.top_p is None else sampling.top_p
-        row = (
+        return (
             key,
             np.float32(sampling.temperature),
             np.int32(min(top_k, self.cfg.vocab_size)),
@@ -337,18 +401,70 @@ class SlotEngine:
             np.int32(max_new_tokens),
             np.bool_(not ignore_eos),
         )
-        row = tuple(_to_global(x, self._rep) for x in row)
+
+    def insert_async(
+        self, cache1, logits, slot: int, *, seed: int, sampling: Sampling, max_new_tokens: int,
+        eos_ids, ignore_eos: bool = False,
+    ) -> jax.Array:  # fmt: skip
+        """Puts a request prefilled by `prefill_chunk` into `slot`; returns, without waiting,
+        a device [1, 2] int32 array (first token, finished already)."""
+        row = self._row(seed, sampling, max_new_tokens, ignore_eos)
+        return self._insert_rows(cache1, logits, [slot], [row], eos_ids)
+
+    def _insert_rows(self, cache, logits, slots, rows, eos_ids) -> jax.Array:
+        rows = tuple(np.stack(col) for col in zip(*rows, strict=True))
+        put = lambda x: _to_global(x, self._rep)  # noqa: E731
         with self.engine._mesh_context():
             self.state, out = self._insert(
-                self.state,
-                cache1,
-                logits,
-                _to_global(np.int32(slot), self._rep),
-                row,
-                self._device_eos(eos_ids),
-            )
-        tok, done = (int(x) for x in jax.device_get(out))
-        return tok, bool(done)
+                self.state, cache, logits, put(np.asarray(slots, np.int32)),
+                tuple(put(x) for x in rows), self._device_eos(eos_ids),
+            )  # fmt: skip
+        return out
+
+    def insert(self, cache1, logits, slot: int, **kw) -> tuple[int, bool]:
+        """`insert_async`, read back: (first token, finished already)."""
+        tok, done = jax.device_get(self.insert_async(cache1, logits, slot, **kw))[0]
+        return int(tok), bool(done)
+
+    def prefill_rows(self, n: int) -> int:
+        """The batch rows a call of n prompts runs (the smallest row bucket >= n)."""
+        return next(r for r in self.row_buckets if r >= n)
+
+    def _rows_of(self, requests: Sequence[SlotRequest]):
+        """Host arrays of a batched prefill: (ids [R, T], lengths, slots, per-row settings)."""
+        n = len(requests)
+        if not 1 <= n <= self.row_buckets[-1]:
+            raise GenerationError(f"A batched prefill takes 1 to {self.row_buckets[-1]} prompts.")
+        longest = max(len(q.prompt) for q in requests)
+        if longest > self.chunk:
+            raise GenerationError(f"A {longest}-token prompt exceeds the chunk of {self.chunk}.")
+        r, t = self.prefill_rows(n), self.bucket(longest)
+        padded = list(requests) + [requests[-1]] * (r - n)  # copies write the same slot
+        ids = np.zeros((r, t), np.int32)
+        for i, q in enumerate(padded):
+            ids[i, : len(q.prompt)] = q.prompt
+        lengths = np.asarray([len(q.prompt) for q in padded], np.int32)
+        slots = [q.slot for q in padded]
+        rows = [self._row(q.seed, q.sampling, q.max_new_tokens, q.ignore_eos) for q in padded]
+        return ids, lengths, slots, rows
+
+    def prefill_insert_async(self, requests: Sequence[SlotRequest], eos_ids) -> jax.Array:
+        """Prefills prompts of at most C tokens in one call and inserts each into its slot.
+
+        requests: 1 to `row_buckets[-1]` `SlotRequest`s with distinct free slots. The call
+        runs R = `prefill_rows(len(requests))` rows of T = `bucket(longest prompt)` tokens.
+        Returns, without waiting, a device [R, 2] int32 array: row i is (first token,
+        finished already) of requests[i] (rows past len(requests) are padding).
+        """
+        ids, lengths, slots, rows = self._rows_of(requests)
+        rows = tuple(np.stack(col) for col in zip(*rows, strict=True))
+        put = lambda x: _to_global(x, self._rep)  # noqa: E731
+        with self.engine._mesh_context():
+            self.state, out = self._prefill_insert(
+                self.params, self.state, put(ids), put(lengths), put(np.asarray(slots, np.int32)),
+                tuple(put(x) for x in rows), self._device_eos(eos_ids),
+            )  # fmt: skip
+        return out
 
     def _device_eos(self, eos_ids):
         key = tuple(int(e) for e in np.asarray(eos_ids))
@@ -356,13 +472,17 @@ class SlotEngine:
             self._eos_key, self._eos_dev = key, _to_global(np.asarray(key, np.int32), self._rep)
         return self._eos_dev
 
+    def decode_async(self, eos_ids) -> jax.Array:
+        """P steps for all slots; returns, without waiting, a device [B, P] int32 array of the
+        tokens each slot emitted (-1: none)."""
+        with self.engine._mesh_context():
+            self.state, out = self._decode(self.params, self.state, self._device_eos(eos_ids))
+        return out
+
     def decode(self, eos_ids) -> tuple[np.ndarray, np.ndarray]:
         """P steps for all slots; returns host (tokens [B, P], emitted [B, P])."""
-        with self.engine._mesh_context():
-            self.state, out, emitted = self._decode(
-                self.params, self.state, self._device_eos(eos_ids)
-            )
-        return jax.device_get((out, emitted))
+        out = np.asarray(jax.device_get(self.decode_async(eos_ids)))
+        return out, out >= 0
 
     def release(self, slot: int) -> None:
         """Frees a slot whose request was cancelled (its row stops generating)."""
@@ -378,4 +498,12 @@ def eos_array(engine: Engine, eos_ids) -> np.ndarray:
     return engine._eos_array(eos_ids)
 
 
-__all__ = ["SlotConfig", "SlotEngine", "SlotState", "eos_array", "sample_rows"]
+__all__ = [
+    "SlotConfig",
+    "SlotEngine",
+    "SlotRequest",
+    "SlotState",
+    "chunk_buckets",
+    "eos_array",
+    "sample_rows",
+]

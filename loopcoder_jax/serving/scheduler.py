@@ -1,13 +1,17 @@
 """Continuous batching: which request is prefilled, inserted and decoded when.
 
 The scheduler owns the host side of a `SlotEngine`: a FIFO of pending requests, the request
-in each slot, and the one being prefilled. One `step()`:
+in each slot, and the long prompt being prefilled. One `step()`:
   1. frees the slots of cancelled requests;
-  2. prefills up to `prefill_chunks` chunks of the request at the head of the queue (a long
-     prompt is spread over several steps, so the running slots keep decoding in between),
-     inserting it into a free slot when its last chunk is done;
-  3. runs one decode call (P steps) for all slots and hands each request its new tokens; a
-     request that generated a stop id or spent its budget frees its slot at once.
+  2. admits requests from the head of the queue while slots are free, up to a prefill budget
+     of `prefill_chunks` x C prompt tokens per step (padded): prompts of at most C tokens are
+     grouped by length bucket and prefilled several to a call, straight into their slots
+     (`SlotEngine.prefill_insert_async`); a longer prompt gets a slot and runs C tokens per
+     call over the following steps, the running slots decoding in between, then is inserted;
+  3. runs one decode call (P steps) for all slots;
+  4. reads everything back at once (one device-to-host transfer per step) and hands each
+     request its new tokens, first tokens first; a request that generated a stop id or spent
+     its budget frees its slot at once.
 `run_until_idle()` drives the steps in the calling thread (batch jobs: the same sequence of
 programs on every process); `start()` runs them in a background thread (the server).
 
@@ -28,8 +32,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import jax
+
 from loopcoder_jax.generate import GenerationError, Sampling
-from loopcoder_jax.serving.engine import SlotEngine, eos_array
+from loopcoder_jax.serving.engine import SlotEngine, SlotRequest, eos_array
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -53,14 +59,19 @@ class Request:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     cancelled: bool = False
-    timings: dict = dataclasses.field(default_factory=dict)  # submitted/first_token/finished
+    # submitted / prefilled / first_token / finished (perf_counter)
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 class Scheduler:
     """Continuous batching over a `SlotEngine` (see the module docstring)."""
 
     def __init__(
-        self, slots: SlotEngine, eos_ids: Sequence[int] | None = None, *, prefill_chunks: int = 4
+        self,
+        slots: SlotEngine,
+        eos_ids: Sequence[int] | None = None,
+        *,
+        prefill_chunks: int = 4,
     ):
         self.slots = slots
         self.eos = eos_array(slots.engine, eos_ids)
@@ -71,7 +82,7 @@ class Scheduler:
         self._pending: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._free = list(range(slots.slots))[::-1]  # pop() hands out slot 0 first
-        self._prefilling = None  # (request, cache1, offset, logits)
+        self._prefilling = None  # a prompt longer than C: (request, cache1, offset, logits, slot)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failed: str | None = None  # set when a device program raised: nothing runs then
@@ -132,11 +143,22 @@ class Scheduler:
     def step(self) -> bool:
         """One scheduling round; False when there was nothing to do."""
         worked = self._reap_cancelled()
-        worked |= self._prefill()
-        if self._running:
-            self._decode()
-            worked = True
-        return worked
+        firsts = self._prefill()  # dispatched, not waited for
+        out = self.slots.decode_async(self.eos) if self._running else None
+        worked |= bool(firsts) or out is not None
+        if not worked:
+            return False
+        first_host, out = jax.device_get(([f for _, f in firsts], out))  # the step's one sync
+        for (slots, _), got in zip(firsts, first_host, strict=True):
+            for slot, (tok, _done) in zip(slots, got, strict=False):  # rows past: padding
+                self._emit(slot, [int(tok)])
+        if out is not None:
+            self.stats["decode_calls"] += 1
+            for slot in list(self._running):
+                new = [int(t) for t in out[slot] if t >= 0]
+                if new:
+                    self._emit(slot, new)
+        return True
 
     def _reap_cancelled(self) -> bool:
         with self._lock:
@@ -146,6 +168,7 @@ class Scheduler:
             slots = [s for s, r in self._running.items() if r.cancelled]
             if self._prefilling is not None and self._prefilling[0].cancelled:
                 gone.append(self._prefilling[0])
+                self._free.append(self._prefilling[4])  # its slot was reserved, never used
                 self._prefilling = None
         for s in slots:
             self.slots.release(s)
@@ -156,54 +179,96 @@ class Scheduler:
             self._finish(r, "cancelled")
         return bool(gone)
 
-    def _prefill(self) -> bool:
-        budget = self.prefill_chunks
-        worked = False
-        while budget > 0:
-            if self._prefilling is None:
-                with self._lock:
-                    if not self._free or not self._pending:
-                        break
-                    request = self._pending.popleft()
-                self._prefilling = (request, self.slots.new_prefill(), 0, None)
-            request, cache1, offset, logits = self._prefilling
-            part = request.prompt[offset : offset + self.slots.chunk]
-            logits, cache1 = self.slots.prefill_chunk(cache1, part)
-            offset += len(part)
-            budget -= 1
-            worked = True
-            self.stats["prefill_chunks"] += 1
-            self.stats["prompt_tokens"] += len(part)
-            if offset < len(request.prompt):
-                self._prefilling = (request, cache1, offset, logits)
-                continue
-            self._prefilling = None
-            slot = self._free.pop()
-            tok, done = self.slots.insert(
-                cache1,
-                logits,
-                slot,
-                seed=request.seed,
-                sampling=request.sampling,
-                max_new_tokens=request.max_new_tokens,
-                eos_ids=self.eos,
-                ignore_eos=request.ignore_eos,
-            )
-            request.timings["first_token"] = time.perf_counter()
-            self._running[slot] = request
-            self._emit(slot, [tok])
-        return worked
+    def _prefill(self) -> list:
+        """Dispatches this step's prefill work; returns [(slots, device first tokens)] of the
+        requests inserted (their slots are running from now on)."""
+        chunk = self.slots.chunk
+        budget = self.prefill_chunks * chunk  # prompt tokens (padded) per step
+        firsts = []
+        short = []  # (request, slot) of prompts of at most C tokens, FIFO
+        with self._lock:
+            while self._free and self._pending and budget > 0:
+                head = self._pending[0]
+                if len(head.prompt) > chunk:
+                    if self._prefilling is not None:
+                        break  # one long prompt at a time; the queue keeps its order
+                    self._pending.popleft()
+                    self._prefilling = (head, None, 0, None, self._free.pop())
+                    continue
+                cost = self.slots.bucket(len(head.prompt))
+                if short and cost > budget:
+                    break
+                self._pending.popleft()
+                short.append((head, self._free.pop()))
+                budget -= cost
+        by_bucket: dict[int, list] = {}
+        for request, slot in short:
+            by_bucket.setdefault(self.slots.bucket(len(request.prompt)), []).append((request, slot))
+        for group in by_bucket.values():
+            while group:
+                n = max(r for r in self.slots.row_buckets if r <= len(group))
+                part, group = group[:n], group[n:]
+                firsts.append(self._prefill_insert(part))
+        if self._prefilling is not None:
+            budget = max(budget, chunk)  # a long prompt advances by at least a chunk a step
+            while budget > 0 and self._prefilling is not None:
+                done = self._prefill_long()
+                budget -= chunk
+                if done is not None:
+                    firsts.append(done)
+        return firsts
 
-    def _decode(self) -> None:
-        out, emitted = self.slots.decode(self.eos)
-        self.stats["decode_calls"] += 1
-        for slot in list(self._running):
-            new = [int(t) for t in out[slot][emitted[slot]]]
-            if new:
-                self._emit(slot, new)
+    def _prefill_insert(self, part):
+        rows = [
+            SlotRequest(r.prompt, slot, r.seed, r.sampling, r.max_new_tokens, r.ignore_eos)
+            for r, slot in part
+        ]
+        out = self.slots.prefill_insert_async(rows, self.eos)
+        now = time.perf_counter()
+        self.stats["prefill_calls"] += 1
+        self.stats["prompt_tokens"] += sum(len(r.prompt) for r, _ in part)
+        longest = max(len(r.prompt) for r, _ in part)
+        self.stats["prefill_positions"] += self.slots.prefill_rows(len(part)) * self.slots.bucket(
+            longest
+        )
+        for request, slot in part:
+            request.timings["prefilled"] = now
+            self._running[slot] = request
+        return [slot for _, slot in part], out
+
+    def _prefill_long(self):
+        """One chunk of the long prompt in progress; at its end, the insert (as `_prefill`)."""
+        request, cache1, offset, logits, slot = self._prefilling
+        if cache1 is None:
+            cache1 = self.slots.new_prefill()
+        part = request.prompt[offset : offset + self.slots.chunk]
+        logits, cache1 = self.slots.prefill_chunk(cache1, part)
+        offset += len(part)
+        self.stats["prefill_calls"] += 1
+        self.stats["prompt_tokens"] += len(part)
+        self.stats["prefill_positions"] += self.slots.bucket(len(part))
+        if offset < len(request.prompt):
+            self._prefilling = (request, cache1, offset, logits, slot)
+            return None
+        self._prefilling = None
+        out = self.slots.insert_async(
+            cache1,
+            logits,
+            slot,
+            seed=request.seed,
+            sampling=request.sampling,
+            max_new_tokens=request.max_new_tokens,
+            eos_ids=self.eos,
+            ignore_eos=request.ignore_eos,
+        )
+        request.timings["prefilled"] = time.perf_counter()
+        self._running[slot] = request
+        return [slot], out
 
     def _emit(self, slot: int, new: list[int]) -> None:
         request = self._running[slot]
+        if not request.tokens:
+            request.timings["first_token"] = time.perf_counter()
         request.tokens.extend(new)
         self.stats["new_tokens"] += len(new)
         if request.on_tokens is not None and not request.cancelled:

@@ -119,3 +119,34 @@ def test_chunked_cache_equals_one_shot_prefill(loop_num):
         for name in ("local_k", "local_v"):  # every slot holds one of the last W positions
             a, b = np.asarray(getattr(chunked, name))[:, :, i], np.asarray(getattr(oneshot, name))
             assert _scaled_err(a, b[:, :, i]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("t,starts", [(9, [0, 6]), (37, [0, 5]), (64, [3, 40])])
+def test_long_chunk_kernels_equal_the_dense_ones(monkeypatch, t, starts):
+    """A chunk longer than 2W runs its local branch in W-query blocks and its global branch in
+    query blocks that stop at their own last key block: same values as attending at once."""
+    from loopcoder_jax.kernels import chunked
+    from loopcoder_jax.kernels.reference import cached_attention, causal_cache_attention
+
+    b, n, kh, h, s = len(starts), 4, 2, 8, 128
+    rng = np.random.default_rng(t)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(b, t, n, h), normal(b, kh, t, h), normal(b, kh, t, h)
+    ring_k, ring_v = normal(b, kh, W, h), normal(b, kh, W, h)
+    start = jnp.asarray(starts, jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    ring_pos = chunked.ring_positions(start, W)
+    got = chunked.chunk_window_attention(q, ring_k, ring_v, ring_pos, k, v, positions, W)
+    key_pos = jnp.concatenate([ring_pos, positions], axis=1)[:, None, :]
+    p = positions[:, :, None]
+    mask = (key_pos >= 0) & (key_pos <= p) & (key_pos > p - W)
+    dense = cached_attention(
+        q, jnp.concatenate([ring_k, k], 2), jnp.concatenate([ring_v, v], 2), mask
+    )
+    assert _scaled_err(np.asarray(got), np.asarray(dense)) <= 1e-6
+
+    monkeypatch.setattr(chunked, "QUERY_BLOCK", 8)  # several query blocks at this size
+    cache_k, cache_v = normal(2, b, kh, s, h), normal(2, b, kh, s, h)
+    got = chunked.chunk_prefix_attention(q, cache_k, cache_v, positions, block=8, index=(1,))
+    whole = causal_cache_attention(q, cache_k, cache_v, positions, block=8, index=(1,))
+    assert _scaled_err(np.asarray(got), np.asarray(whole)) <= 1e-6
