@@ -411,14 +411,17 @@ class SlotEngine:
         row = self._row(seed, sampling, max_new_tokens, ignore_eos)
         return self._insert_rows(cache1, logits, [slot], [row], eos_ids)
 
-    def _insert_rows(self, cache, logits, slots, rows, eos_ids) -> jax.Array:
-        rows = tuple(np.stack(col) for col in zip(*rows, strict=True))
+    def _slot_args(self, slots, rows, eos_ids) -> tuple:
+        """Device (slots [R], per-row settings stacked column-wise, eos ids) of an insert."""
         put = lambda x: _to_global(x, self._rep)  # noqa: E731
+        columns = tuple(put(np.stack(col)) for col in zip(*rows, strict=True))
+        return put(np.asarray(slots, np.int32)), columns, self._device_eos(eos_ids)
+
+    def _insert_rows(self, cache, logits, slots, rows, eos_ids) -> jax.Array:
         with self.engine._mesh_context():
             self.state, out = self._insert(
-                self.state, cache, logits, put(np.asarray(slots, np.int32)),
-                tuple(put(x) for x in rows), self._device_eos(eos_ids),
-            )  # fmt: skip
+                self.state, cache, logits, *self._slot_args(slots, rows, eos_ids)
+            )
         return out
 
     def insert(self, cache1, logits, slot: int, **kw) -> tuple[int, bool]:
@@ -457,12 +460,10 @@ class SlotEngine:
         finished already) of requests[i] (rows past len(requests) are padding).
         """
         ids, lengths, slots, rows = self._rows_of(requests)
-        rows = tuple(np.stack(col) for col in zip(*rows, strict=True))
-        put = lambda x: _to_global(x, self._rep)  # noqa: E731
         with self.engine._mesh_context():
             self.state, out = self._prefill_insert(
-                self.params, self.state, put(ids), put(lengths), put(np.asarray(slots, np.int32)),
-                tuple(put(x) for x in rows), self._device_eos(eos_ids),
+                self.params, self.state, _to_global(ids, self._rep),
+                _to_global(lengths, self._rep), *self._slot_args(slots, rows, eos_ids),
             )  # fmt: skip
         return out
 
