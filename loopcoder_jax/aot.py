@@ -235,6 +235,9 @@ class Plan:
     # {"mesh", "global_batch", "grad_accum", "remat", "total_bytes", "flags", "tried"}, or
     # {"tried": n} when none of the n variants tried fits.
     suggestion: dict[str, Any] | None = None
+    # How the counting compiles charged splash attention (`ATTENTION_COSTS`); None when the
+    # program runs no splash or nothing was counted.
+    attention_cost: str | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -332,7 +335,9 @@ class Plan:
             lines.append(
                 f"  compiler estimate     {self.optimal_seconds * 1e3:10.1f} ms per step "
                 f"(ESTIMATE) -> {mfu} (ESTIMATES)"
-            )
+                + (f"; splash charged as --attention-cost {self.attention_cost}"
+                   if self.attention_cost else "")
+            )  # fmt: skip
         else:
             lines.append(
                 "  compiler estimate     no estimate ("
@@ -486,24 +491,38 @@ COUNTING_COMPILER_OPTIONS_TPU = {
 }
 
 
-def _counting_cost(exp, depth: int, mesh, rules, mode, devices):
+# How counting compiles charge splash attention (`kernels/cost_standin.counting`): "kernel",
+# splash's own block-sparse work (`kernels/splash_cost.py`), is what runs on the TPU and is
+# charged alike with the sequence whole or sharded; "dense" is MaxText's dot-product form,
+# an upper bound, and what a comparison with MaxText's estimate needs (`--vs-maxtext`).
+ATTENTION_COSTS = ("kernel", "dense")
+DEFAULT_ATTENTION_COST = "kernel"
+
+
+def _counting_cost(exp, depth: int, mesh, rules, mode, devices, attention_cost):
     """(FLOPs per chip, seconds) of the step with `depth` unrolled layers (`_counting_config`)."""
-    ca = _counting_cost_analysis(exp, depth, mesh, rules, mode, devices)
+    ca = _counting_cost_analysis(exp, depth, mesh, rules, mode, devices, attention_cost)
     return ca.get("flops"), ca.get("optimal_seconds")
 
 
-def _counting_cost_analysis(exp, depth: int, mesh, rules, mode, devices) -> dict:
+def _counting_cost_analysis(exp, depth: int, mesh, rules, mode, devices,
+                            attention_cost: str = DEFAULT_ATTENTION_COST) -> dict:  # fmt: skip
     """The compiler's cost_analysis dict of the depth-`depth` counting compile.
 
-    Where the real program runs splash (attn_impl auto/splash on a TPU), attention is traced
-    as `kernels/cost_standin.py`: the dot-product form MaxText's estimates use, not the
-    reference's float32 core, whose [T, S] HBM traffic splash does not have. A program that
-    really runs XLA attention (attn_impl=xla) is costed as it is."""
+    Where the real program runs splash (attn_impl auto/splash on a TPU), attention is charged
+    as `attention_cost` says (`ATTENTION_COSTS`): splash's block work through cost-only
+    kernels, or the dense dot-product stand-in. Neither is the reference's float32 core, whose
+    [T, S] HBM traffic splash does not have. A program that really runs XLA attention
+    (attn_impl=xla) is costed as it is."""
     from loopcoder_jax.kernels import cost_standin
 
+    if attention_cost not in ATTENTION_COSTS:
+        raise PlannerError(f"attention cost {attention_cost!r}; choose one of {ATTENTION_COSTS}.")
     splash = exp.runtime.attn_impl != AttnImpl.XLA and devices[0].platform == "tpu"
-    with cost_standin.counting() if splash else contextlib.nullcontext():
-        lowered = _lower(_counting_config(exp, depth), mesh, rules, mode)
+    charge = attention_cost if splash else None
+    with cost_standin.counting(charge) if charge else contextlib.nullcontext():
+        lowered = _lower(_counting_config(exp, depth, keep_splash=charge == "kernel"), mesh,
+                         rules, mode)  # fmt: skip
     options = COUNTING_COMPILER_OPTIONS_TPU if devices[0].platform == "tpu" else None
     ca = lowered.compile(compiler_options=options).cost_analysis()
     if isinstance(ca, list):  # older jax: one dict per program
@@ -512,7 +531,8 @@ def _counting_cost_analysis(exp, depth: int, mesh, rules, mode, devices) -> dict
 
 
 def counting_estimate(exp: ExperimentConfig, topology: str, mode: str = "train",
-                      devices: Sequence | None = None) -> dict:  # fmt: skip
+                      devices: Sequence | None = None,
+                      attention_cost: str = DEFAULT_ATTENTION_COST) -> dict:  # fmt: skip
     """The step's FLOPs, time and bytes per chip from the depth-1/2 counting compiles alone
     (no full compile, so no memory figures): c1 + (L - 1) * (c2 - c1) for each, plus the
     per-layer differences. What `plan` reports as FLOPs and time, in a fraction of its time."""
@@ -520,7 +540,10 @@ def counting_estimate(exp: ExperimentConfig, topology: str, mode: str = "train",
     devices = list(devices) if devices is not None else topology_devices(topo)
     mesh = sh.make_mesh(exp.mesh, devices)
     rules = sh.get_rules(exp.mesh.rules)
-    c1, c2 = (_counting_cost_analysis(exp, d, mesh, rules, mode, devices) for d in (1, 2))
+    c1, c2 = (
+        _counting_cost_analysis(exp, d, mesh, rules, mode, devices, attention_cost)
+        for d in (1, 2)
+    )
     layers = exp.model.num_hidden_layers
     out = {"mesh": dict(mesh.shape), "num_chips": len(devices)}
     for key, name in (("flops", "flops"), ("optimal_seconds", "seconds"),
@@ -557,13 +580,15 @@ def analytic_flops(exp: ExperimentConfig, mode: str, *, causal: bool = False) ->
     return float(b * flops_lib.matmul_flops_per_token(cfg) + attn)
 
 
-def _counting_config(exp: ExperimentConfig, depth: int) -> ExperimentConfig:
+def _counting_config(exp: ExperimentConfig, depth: int, keep_splash: bool = False):
     """The step with `depth` unrolled layers, the loss in one chunk, no accumulation, and
-    XLA attention: the compiler cannot cost a Pallas kernel (a custom call), so the splash
-    program would count no attention work at all."""
+    XLA attention: the compiler cannot cost jax's splash kernel (a custom call with no cost
+    attached), so the splash program would count no attention work at all. `keep_splash`:
+    trace the splash program anyway, its kernels costed by `kernels/splash_cost.py`."""
+    attn_impl = exp.runtime.attn_impl if keep_splash else AttnImpl.XLA
     return exp.replace(
         model=exp.model.replace(num_hidden_layers=depth),
-        runtime=exp.runtime.replace(scan_layers=False, attn_impl=AttnImpl.XLA),
+        runtime=exp.runtime.replace(scan_layers=False, attn_impl=attn_impl),
         train=dataclasses.replace(exp.train, loss_chunk=exp.train.seq_len, grad_accum=1),
     )
 
@@ -646,6 +671,7 @@ def plan(
     count_flops: bool = True,
     devices: Sequence | None = None,
     count_only_if_fits: bool = False,
+    attention_cost: str = DEFAULT_ATTENTION_COST,
 ) -> Plan:
     """Compiles `mode`'s step of `exp` for `topology` and returns the compiler's numbers.
 
@@ -659,6 +685,8 @@ def plan(
       devices: compile-only devices (default: from libtpu for `topology`).
       count_only_if_fits: skip the counting compiles when the program does not fit (the
         remat sweep: one compile for a policy that does not fit, three for one that does).
+      attention_cost: how the counting compiles charge splash (`ATTENTION_COSTS`): "kernel",
+        its block-sparse work; "dense", MaxText's dot-product form (an upper bound).
     """
     if mode not in ("train", "prefill", "decode"):
         raise PlannerError(f"mode={mode!r}; choose train, prefill or decode.")
@@ -689,10 +717,15 @@ def plan(
         count_flops = False
     try:
         if count_flops and depth <= 2:  # unrolling the whole stack is as cheap as extrapolating
-            flops_per_chip, seconds = _counting_cost(exp, depth, mesh, rules, mode, devices)
+            flops_per_chip, seconds = _counting_cost(
+                exp, depth, mesh, rules, mode, devices, attention_cost
+            )
             notes.append("FLOPs and time from a compile with the layers unrolled")
         elif count_flops:
-            c1, c2 = (_counting_cost(exp, d, mesh, rules, mode, devices) for d in (1, 2))
+            c1, c2 = (
+                _counting_cost(exp, d, mesh, rules, mode, devices, attention_cost)
+                for d in (1, 2)
+            )
             extrapolate = lambda a, b: None if None in (a, b) else a + (depth - 1) * (b - a)
             flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])
             if seconds is not None and (seconds <= 0 or c2[1] < c1[1]):
@@ -721,17 +754,18 @@ def plan(
             "the counting compiles (XLA attention, unrolled layers) ran out of HBM at this "
             "length: no FLOP count or time estimate"
         )
+    charged = None
     if "tpu_custom_call" in hlo:
-        notes.append(
-            "Pallas kernels (splash attention) are custom calls the compiler cannot cost: "
-            + (
-                "FLOPs and time were counted with XLA dot-product attention in their place "
-                "(kernels/cost_standin.py: all keys per query, bf16 scores: an upper bound "
-                "on the attention work)"
-                if count_flops
-                else "any FLOPs and time above leave attention out"
-            )
-        )
+        charged = attention_cost if count_flops else None
+        how = {
+            "kernel": "FLOPs and time charge splash's own block-sparse work (the blocks its "
+            "masks keep, at its tiles: kernels/splash_cost.py; a roofline, like the rest)",
+            "dense": "FLOPs and time were counted with XLA dot-product attention in their place "
+            "(--attention-cost dense, kernels/cost_standin.py: all keys per query, bf16 "
+            "scores: an upper bound on the attention work)",
+            None: "any FLOPs and time above leave attention out",
+        }[charged]
+        notes.append("Pallas kernels (splash attention) carry no cost of their own: " + how)
     peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
     return Plan(
         **_plan_header(exp, topo, devices, mesh, mode),
@@ -749,6 +783,7 @@ def plan(
         collectives=collectives_in_hlo(hlo),
         compile_seconds=compile_seconds,
         notes=notes,
+        attention_cost=charged,
     )
 
 
@@ -906,6 +941,7 @@ def remat_table(
     count_flops: bool = True,
     devices: Sequence | None = None,
     policies: Sequence[Remat] | None = None,
+    attention_cost: str = DEFAULT_ATTENTION_COST,
 ) -> list[tuple[str, Plan | str]]:
     """One plan per remat policy (all of `Remat` by default): [(policy, Plan or error)].
 
@@ -921,7 +957,7 @@ def remat_table(
         try:
             p = plan(
                 variant, topology, mode, count_flops=count_flops, devices=devices,
-                count_only_if_fits=True,
+                count_only_if_fits=True, attention_cost=attention_cost,
             )  # fmt: skip
         except (jax.errors.JaxRuntimeError, ValueError, NotImplementedError) as e:
             out.append((remat.value, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
@@ -1049,6 +1085,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-flop-count", action="store_true", help="skip the counting compiles")
     p.add_argument(
+        "--attention-cost", choices=ATTENTION_COSTS, default=DEFAULT_ATTENTION_COST,
+        help="how the counting compiles charge splash attention: kernel = its block-sparse "
+        "work (what runs on the TPU); dense = XLA dot-product attention over every key, "
+        "MaxText's estimate form (an upper bound)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-suggest",
         action="store_true",
         help="when the plan does not fit, do not search (by compiling variants) for the "
@@ -1075,7 +1117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rows = remat_table(
                 build_experiment(args), args.topology, args.mode,
-                count_flops=not args.no_flop_count,
+                count_flops=not args.no_flop_count, attention_cost=args.attention_cost,
             )  # fmt: skip
         except (PlannerError, ConfigError, sh.MeshError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -1089,7 +1131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if any(isinstance(r, Plan) and r.fits for _, r in rows) else 1
     try:
         exp = build_experiment(args)
-        result = plan(exp, args.topology, args.mode, count_flops=not args.no_flop_count)
+        result = plan(
+            exp, args.topology, args.mode, count_flops=not args.no_flop_count,
+            attention_cost=args.attention_cost,
+        )  # fmt: skip
         if not result.fits and not args.no_suggest:
             result.suggestion = suggest_fit(exp, args.topology, args.mode)
     except (PlannerError, ConfigError, sh.MeshError) as e:

@@ -27,23 +27,41 @@ import jax.numpy as jnp
 
 from loopcoder_jax.kernels import reference
 
-_ACTIVE = contextvars.ContextVar("attention_cost_standin", default=False)
+# How a counting compile charges splash's attention (see `counting`); None outside one.
+CHARGES = ("dense", "kernel")
+_CHARGE = contextvars.ContextVar("attention_cost_standin", default=None)
 
 
 def active() -> bool:
-    """True while a counting compile is being traced (`kernels.attention` then calls
-    `attention` below instead of any kernel)."""
-    return _ACTIVE.get()
+    """True while a counting compile charging `dense` is being traced (`kernels.attention`
+    then calls `attention` below instead of any kernel)."""
+    return _CHARGE.get() == "dense"
+
+
+def kernel_charge() -> bool:
+    """True while a counting compile charging `kernel` is being traced: the splash program is
+    traced as it runs, its kernels replaced by `splash_cost.SplashCost`."""
+    return _CHARGE.get() == "kernel"
 
 
 @contextlib.contextmanager
-def counting():
-    """Trace the step with the cost stand-in as every full-sequence attention call."""
-    token = _ACTIVE.set(True)
+def counting(charge: str = "dense"):
+    """Trace the step for a counting compile, attention charged as `charge`:
+
+    dense: every full-sequence attention call is the dot-product stand-in below (all keys per
+      query, compute-dtype [T, S] scores in HBM): the form MaxText's estimate uses, an upper
+      bound on splash, and what `--vs-maxtext` compares;
+    kernel: the program's own splash calls, with the same masks and tiles, costed as splash's
+      block-sparse work (`kernels/splash_cost.py`): a roofline of what runs on the TPU, the
+      same charge with the sequence whole or sharded.
+    """
+    if charge not in CHARGES:
+        raise ValueError(f"attention charge {charge!r}; choose one of {CHARGES}")
+    token = _CHARGE.set(charge)
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _CHARGE.reset(token)
 
 
 def _dot_product_core(q, k, v, mask):

@@ -197,6 +197,12 @@ def _make_kernel_for(per_head, num_heads: int, block_q, block_kv, interpret, q_s
     """The kernel for one splash mask shared by all heads. `q_seq_shards` > 1: its
     block-sparsity tables cover the whole query axis and are sharded with the queries
     (`context_parallel`: each sequence shard gets its own rows of the mask)."""
+    from loopcoder_jax.kernels import cost_standin
+
+    if cost_standin.kernel_charge():  # a planner counting compile: cost, do not run, splash
+        from loopcoder_jax.kernels import splash_cost
+
+        return splash_cost.SplashCost.for_mask(per_head, block_q, block_kv, q_seq_shards)
     sizes = splash_kernel.BlockSizes(
         block_q=block_q,
         block_kv=block_kv,
