@@ -541,8 +541,7 @@ def counting_estimate(exp: ExperimentConfig, topology: str, mode: str = "train",
     mesh = sh.make_mesh(exp.mesh, devices)
     rules = sh.get_rules(exp.mesh.rules)
     c1, c2 = (
-        _counting_cost_analysis(exp, d, mesh, rules, mode, devices, attention_cost)
-        for d in (1, 2)
+        _counting_cost_analysis(exp, d, mesh, rules, mode, devices, attention_cost) for d in (1, 2)
     )
     layers = exp.model.num_hidden_layers
     out = {"mesh": dict(mesh.shape), "num_chips": len(devices)}
@@ -723,8 +722,7 @@ def plan(
             notes.append("FLOPs and time from a compile with the layers unrolled")
         elif count_flops:
             c1, c2 = (
-                _counting_cost(exp, d, mesh, rules, mode, devices, attention_cost)
-                for d in (1, 2)
+                _counting_cost(exp, d, mesh, rules, mode, devices, attention_cost) for d in (1, 2)
             )
             extrapolate = lambda a, b: None if None in (a, b) else a + (depth - 1) * (b - a)
             flops_per_chip, seconds = extrapolate(c1[0], c2[0]), extrapolate(c1[1], c2[1])

@@ -1,14 +1,19 @@
-"""The attention the planner's counting compiles cost in place of splash. Never executed.
+"""How the planner's counting compiles charge splash attention, and the dense stand-in. Never
+executed.
 
-Why a stand-in at all: splash is a Pallas kernel, a custom call the TPU compiler cannot cost,
-so the planner's FLOP/time compiles (`aot._counting_config`) put XLA attention in its place.
-Why not `reference.attention` itself: its core keeps the [T, S] scores and probabilities in
-float32 (DESIGN.md §1). In a dense XLA program those are HBM arrays, and at 8K tokens x 40
-heads they dominate the layer's memory traffic: the dense-40B layer at 8K moved 153 GB per
-chip with the float32 core against 105 GB with this one (MaxText's layer: 106 GB; docs/tpu.md,
-"Where the step estimate's bytes go"). Splash keeps every score tile in VMEM, so on the TPU
-neither version's [T, S] traffic exists; the float32 one only made our estimate 18% slower
-per layer than the same program costed the way MaxText's estimate is.
+Splash is a Pallas kernel, a custom call that jax's splash leaves uncosted, so the planner's
+FLOP/time compiles (`aot._counting_config`) charge it one of two ways (`counting(charge)`):
+"kernel", splash's own block work through cost-only kernels (`kernels/splash_cost.py`, the
+planner's default), or "dense", the XLA dot-product stand-in below (`--vs-maxtext`, and an
+upper bound).
+
+Why the dense stand-in is not `reference.attention` itself: its core keeps the [T, S] scores
+and probabilities in float32 (DESIGN.md §1). In a dense XLA program those are HBM arrays, and
+at 8K tokens x 40 heads they dominate the layer's memory traffic: the dense-40B layer at 8K
+moved 153 GB per chip with the float32 core against 105 GB with this one (MaxText's layer: 106
+GB; docs/tpu.md, "Where the step estimate's bytes go"). Splash keeps every score tile in VMEM,
+so on the TPU neither version's [T, S] traffic exists; the float32 one only made our estimate
+18% slower per layer than the same program costed the way MaxText's estimate is.
 
 So the stand-in is the dot-product form MaxText's estimate is made with: scores and their
 exponentials in the compute dtype, normalised after the PV product. FLOPs are the same as

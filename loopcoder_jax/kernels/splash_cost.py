@@ -53,16 +53,16 @@ def _visible_ranges(mask) -> tuple[np.ndarray, np.ndarray]:
     see one contiguous key range per row)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+    if not isinstance(mask, (sm.CausalMask, sm.LocalMask)):
+        raise TypeError(f"no block count for splash mask {type(mask).__name__}")
     rows, cols = mask.shape
     q = np.asarray(mask.q_sequence, np.int64)
     if isinstance(mask, sm.CausalMask):  # key j visible iff j <= q + offset
         return np.zeros(rows, np.int64), q + mask.offset
-    if isinstance(mask, sm.LocalMask):  # q + offset - left <= j <= q + offset + right
-        left, right = mask.window_size
-        first = np.zeros(rows, np.int64) if left is None else q + mask.offset - left
-        last = np.full(rows, cols - 1, np.int64) if right is None else q + mask.offset + right
-        return np.maximum(first, 0), np.minimum(last, cols - 1)
-    raise TypeError(f"no block count for splash mask {type(mask).__name__}")
+    left, right = mask.window_size  # LocalMask: q + offset - left <= j <= q + offset + right
+    first = np.zeros(rows, np.int64) if left is None else q + mask.offset - left
+    last = np.full(rows, cols - 1, np.int64) if right is None else q + mask.offset + right
+    return np.maximum(first, 0), np.minimum(last, cols - 1)
 
 
 def active_blocks(mask, block_q: int, block_kv: int, q_seq_shards: int = 1) -> int:
@@ -164,8 +164,10 @@ def _forward(tiles: _Tiles, q, k, v):
         grid=(n, t // bq),
         in_specs=[rows, stub, stub],
         out_specs=[rows, pl.BlockSpec((None, 1, bq), lambda h, i: (h, 0, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((n, 1, t), jnp.float32)],  # fmt: skip
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((n, 1, t), jnp.float32),
+        ],  # fmt: skip
         cost_estimate=fwd,
     )(q, k, v)
 

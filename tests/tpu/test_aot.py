@@ -447,7 +447,9 @@ def test_preset_plans_use_the_recipe_remat_unless_told():
 def test_remat_table_counts_only_what_fits_and_reports_errors(monkeypatch):
     calls = []
 
-    def fake_plan(variant, topology, mode, *, count_flops, devices, count_only_if_fits):
+    def fake_plan(variant, topology, mode, *, count_flops, devices, count_only_if_fits,
+                  attention_cost):  # fmt: skip
+        assert attention_cost == "kernel"  # the planner's default charge, passed through
         r = variant.runtime.remat.value
         if r == "offload_qkv_out":
             raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: no pinned_host memory space")
@@ -519,12 +521,22 @@ def test_shipped_loop40b_yaml_fits_v5p_128_at_8k():
 
 
 @pytest.mark.parametrize(
-    "platform,attn,standin",
-    [("tpu", "auto", True), ("tpu", "splash", True), ("tpu", "xla", False), ("cpu", "auto", False)],
+    "platform,attn,charge,want",
+    [
+        ("tpu", "auto", "kernel", (False, True, "auto")),
+        ("tpu", "splash", "kernel", (False, True, "splash")),
+        ("tpu", "auto", "dense", (True, False, "xla")),
+        ("tpu", "splash", "dense", (True, False, "xla")),
+        ("tpu", "xla", "kernel", (False, False, "xla")),
+        ("cpu", "auto", "kernel", (False, False, "xla")),
+        ("cpu", "auto", "dense", (False, False, "xla")),
+    ],
 )
-def test_counting_compiles_cost_splash_with_the_standin(monkeypatch, platform, attn, standin):
-    """A program that runs splash on the TPU is costed with kernels/cost_standin.py's
-    attention; one that really runs XLA attention (attn=xla, or not a TPU) as it is."""
+def test_counting_compiles_charge_splash_as_told(monkeypatch, platform, attn, charge, want):
+    """A program that runs splash on the TPU is costed as `attention_cost` says: "kernel"
+    traces the splash program with kernels/splash_cost.py's kernels, "dense" traces
+    kernels/cost_standin.py's XLA attention; one that really runs XLA attention (attn=xla,
+    or not a TPU) is costed as it is."""
     from loopcoder_jax.kernels import cost_standin
 
     seen = []
@@ -538,7 +550,9 @@ def test_counting_compiles_cost_splash_with_the_standin(monkeypatch, platform, a
             return _Compiled()
 
     def fake_lower(exp, mesh, rules, mode):
-        seen.append((cost_standin.active(), exp.runtime.attn_impl.value))
+        seen.append(
+            (cost_standin.active(), cost_standin.kernel_charge(), exp.runtime.attn_impl.value)
+        )
         return _Lowered()
 
     class _Dev:
@@ -549,6 +563,8 @@ def test_counting_compiles_cost_splash_with_the_standin(monkeypatch, platform, a
     monkeypatch.setattr(aot, "_lower", fake_lower)
     exp = _tiny_experiment()
     exp = exp.replace(runtime=exp.runtime.replace(attn_impl=attn))
-    assert aot._counting_cost(exp, 1, None, None, "train", [dev]) == (1.0, 2.0)
-    assert seen == [(standin, "xla")]  # counting compiles always trace XLA attention
-    assert not cost_standin.active()
+    assert aot._counting_cost(exp, 1, None, None, "train", [dev], charge) == (1.0, 2.0)
+    assert seen == [want]
+    assert not cost_standin.active() and not cost_standin.kernel_charge()
+    with pytest.raises(aot.PlannerError, match="choose one of"):
+        aot._counting_cost(exp, 1, None, None, "train", [dev], "flash")

@@ -33,3 +33,25 @@ def test_context_parallel_plan_from_cli(capsys, mode):
     # K/V all-gathered for the causal branches, the local branch's halo permuted.
     assert out["collectives"]["all-gather"]["count"] > 0
     assert out["collectives"]["collective-permute"]["count"] > 0
+
+
+@needs_libtpu
+def test_kernel_charge_is_the_same_with_the_sequence_whole_or_sharded():
+    """The planner's attention charge (`--attention-cost kernel`, the default) counts splash's
+    blocks: with the same tokens per chip, a layer costs the same FLOPs whether each chip
+    holds whole sequences or halves of twice as many (balanced context parallelism), up to
+    tile rounding. The dense stand-in charged the whole [T, T] square on one chip and only
+    the causal blocks with the sequence sharded."""
+    from loopcoder_jax import aot
+
+    def per_layer(mesh):
+        model = ARGS[ARGS.index("--set") : ARGS.index("--seq")]  # the model overrides above
+        args = aot.build_parser().parse_args(
+            ["--preset", "tiny", "--topology", "v5p-8", *model, "--mesh", *mesh]
+            + ["--seq", "1024", "--global-batch", "4"]
+        )
+        exp = aot.build_experiment(args)
+        return aot.counting_estimate(exp, "v5p-8", "train")["flops_per_layer"]
+
+    whole, sharded = per_layer(["fsdp=4"]), per_layer(["fsdp=2", "sequence=2"])
+    assert sharded == pytest.approx(whole, rel=0.03)

@@ -69,3 +69,28 @@ def test_maxtext_args_and_extrapolation(tpu_plan):
     # the issue's arithmetic: s1 + 79 * (s2 - s1)
     assert tpu_plan.extrapolate(1.0, 1.25, 80) == pytest.approx(1.0 + 79 * 0.25)
     assert tpu_plan.extrapolate(None, 1.0, 80) is None
+
+
+def test_ours_is_charged_like_maxtexts_dot_product_estimate(tpu_plan, monkeypatch):
+    """--vs-maxtext compares like with like: MaxText's estimate is made with
+    attention=dot_product, so ours is costed with the dense stand-in, not the planner's
+    default kernel charge (splash's causal blocks against MaxText's whole square)."""
+    charges = []
+
+    def fake_estimate(exp, topology, mode, devices=None, attention_cost="kernel"):
+        charges.append(attention_cost)
+        return {
+            "flops": 1.0,
+            "seconds": 1.0,
+            "bytes": 1.0,
+            "flops_per_layer": 1.0,
+            "seconds_per_layer": 1.0,
+            "bytes_per_layer": 1.0,
+            "mesh": {},
+            "num_chips": 8,
+        }
+
+    monkeypatch.setattr(tpu_plan.aot, "counting_estimate", fake_estimate)
+    row = tpu_plan.Row("x", "dense40b", 8192, "v5p-8", fsdp=4, remat="full", attn="auto")
+    tpu_plan.vs_maxtext("/nowhere", tpu_plan.experiment(row), "v5p-8", side="ours")
+    assert charges == ["dense"]
