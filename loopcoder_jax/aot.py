@@ -499,7 +499,8 @@ ATTENTION_COSTS = ("kernel", "dense")
 DEFAULT_ATTENTION_COST = "kernel"
 
 
-def _counting_cost(exp, depth: int, mesh, rules, mode, devices, attention_cost):
+def _counting_cost(exp, depth: int, mesh, rules, mode, devices,
+                   attention_cost: str = DEFAULT_ATTENTION_COST):  # fmt: skip
     """(FLOPs per chip, seconds) of the step with `depth` unrolled layers (`_counting_config`)."""
     ca = _counting_cost_analysis(exp, depth, mesh, rules, mode, devices, attention_cost)
     return ca.get("flops"), ca.get("optimal_seconds")
