@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loopcoder_jax.kernels import context_parallel as cp
-from loopcoder_jax.kernels import cost_standin, splash, splash_cost
+from loopcoder_jax.kernels import cost_standin, reference, splash, splash_cost
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) not installed"
@@ -112,3 +112,44 @@ def test_the_compiler_charges_the_estimate(gqa):
     assert grad["flops"] == pytest.approx((4 + 6 + 8) * d * elems, rel=1e-3)
     kv_traffic = 2 * b * n * active * 256 * d * 2 * 2  # K and V per tile, forward and dq kernels
     assert grad["bytes accessed"] > kv_traffic
+
+
+@needs_libtpu
+@pytest.mark.parametrize("mask,rel", [(reference.Causal(), 0.01), (reference.LocalWindow(64), 0.1)])
+def test_charge_is_the_same_with_the_sequence_whole_or_sharded(mask, rel):
+    """Same tokens per chip, same charge: two whole sequences on fsdp=2 (one per chip) and the
+    same two split over sequence=2 (balanced halves, or the local halo band) cost the same
+    attention FLOPs per chip, forward and backward. Causal: the same 10 tiles of 512 x 512
+    per sequence. Local: every shard's band also computes a halo tile for its first query
+    tile (on the first shard over filler keys), 20 tiles against 19 per sequence here, far
+    less at 32K. The dense stand-in charged the whole square on one chip and causal blocks
+    with the sequence split."""
+    import flax.linen as nn
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from loopcoder_jax import kernels
+    from loopcoder_jax import sharding as sh
+    from loopcoder_jax.config import AttnImpl
+
+    b, t, n, kh, d = 2, 2048, 4, 2, 128
+
+    def flops(axis_sizes):
+        mesh = Mesh(np.array(_v5p(2)).reshape(axis_sizes), sh.MESH_AXES)
+        rep = NamedSharding(mesh, PartitionSpec())
+        q = jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16, sharding=rep)
+        kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16, sharding=rep)
+
+        def loss(q, k, v):
+            out = kernels.attention(q, k, v, mask, None, AttnImpl.SPLASH)
+            return out.astype(jnp.float32).sum()
+
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sh.FSDP_TP):
+            with cost_standin.counting("kernel"):
+                lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv)
+        assert "tpu_custom_call" in lowered.as_text()
+        return lowered.compile().cost_analysis()["flops"]
+
+    whole, split = flops((1, 2, 1, 1)), flops((1, 1, 1, 2))
+    keys = t // 2 if isinstance(mask, reference.Causal) else 64  # per query, exact mask
+    assert whole > 18 * d * n * t * keys  # one sequence per chip: at least the exact work
+    assert split == pytest.approx(whole, rel=rel)

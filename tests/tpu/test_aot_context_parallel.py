@@ -35,6 +35,7 @@ def test_context_parallel_plan_from_cli(capsys, mode):
     assert out["collectives"]["collective-permute"]["count"] > 0
 
 
+@pytest.mark.slow  # 4 counting compiles; tests/kernels/test_splash_cost.py checks the kernels
 @needs_libtpu
 def test_kernel_charge_is_the_same_with_the_sequence_whole_or_sharded():
     """The planner's attention charge (`--attention-cost kernel`, the default) counts splash's
