@@ -225,7 +225,11 @@ def markdown() -> str:
                 f"{total / aot.GiB:.1f} / {hbm:.0f}",
                 "yes" if total <= r["hbm_bytes"] else "**no**",
                 f"{ratio:.2f}" if ratio else "n/a",
-                f"{sec:.2f}" if sec else "no estimate",
+                # which attention charge made the estimate (records before --attention-cost:
+                # the XLA stand-in, float32 scores until 2026-11-25)
+                f"{sec:.2f} ({r.get('attention_cost') or 'XLA stand-in'})"
+                if sec
+                else "no estimate",
                 f"{100 * mfu_c:.1f}% / {100 * mfu:.1f}%" if mfu else "no estimate",
                 f"{r['compile_seconds']:.0f}",
             ]

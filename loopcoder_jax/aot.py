@@ -750,7 +750,7 @@ def plan(
         flops_per_chip = seconds = None
         count_flops = False
         notes.append(
-            "the counting compiles (XLA attention, unrolled layers) ran out of HBM at this "
+            "the counting compiles (unrolled layers, attention as charged) ran out of HBM at this "
             "length: no FLOP count or time estimate"
         )
     charged = None
