@@ -113,11 +113,6 @@ class SplashCost:
         return _attend(self.tiles, q, k, v)
 
 
-def _q_block(t: int, block_q: int) -> int:
-    # A context-parallel shard calls the kernel on its own rows: tile them as splash would.
-    return min(block_q, t)
-
-
 def _costs(tiles: _Tiles, q, k):
     n, t, d = q.shape
     s = k.shape[1]
@@ -149,7 +144,7 @@ def _index(g):
 def _forward(tiles: _Tiles, q, k, v):
     n, t, d = q.shape
     g = n // k.shape[0]
-    bq = _q_block(t, tiles.block_q)
+    bq = tiles.block_q  # divides the rows each call gets (splash._block)
     fwd, _, _ = _costs(tiles, q, k)
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref):
@@ -187,7 +182,7 @@ def _attend_bwd(tiles, residuals, d_out):
     n, t, d = q.shape
     kh, s, _ = k.shape
     g = n // kh
-    bq = _q_block(t, tiles.block_q)
+    bq = tiles.block_q  # divides the rows each call gets (splash._block)
     bk = tiles.block_kv
     _, dq_cost, dkv_cost = _costs(tiles, q, k)
     # splash computes di = rowsum(dO * O) in XLA before its backward kernels
