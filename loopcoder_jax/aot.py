@@ -21,7 +21,9 @@ layer stack is a scan, so FLOPs and `optimal_seconds` come from two extra compil
 same step with the layers UNROLLED at depth 1 and 2 (and the loss in one chunk, no gradient
 accumulation): per-layer cost = c(2) - c(1), total = c(1) + (L - 1) * per-layer, exact
 because every layer is the same program. Memory and collectives come from the real
-(scanned) program.
+(scanned) program. Splash attention carries no cost of its own; the counting compiles charge
+it as `--attention-cost` says (`ATTENTION_COSTS`: its block-sparse work by default,
+`kernels/splash_cost.py`).
 """
 
 from __future__ import annotations
